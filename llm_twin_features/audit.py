@@ -1,0 +1,125 @@
+"""Compares the warehouse with every stage of one data type: the basis of the asset checks and
+of `llm-twin-features status`."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+
+from pydantic import ValidationError
+
+from llm_twin_features.domain.embedding import Embedder
+from llm_twin_features.domain.models import PIPELINE_VERSION
+from llm_twin_features.pipeline import validate
+from llm_twin_features.stores.feature_store import (
+    FeatureStore,
+    cleaned_collection,
+    vector_collection,
+)
+from llm_twin_features.stores.warehouse import Warehouse
+
+EXAMPLES = 5
+
+
+@dataclass
+class AuditReport:
+    data_type: str
+    warehouse_documents: int = 0
+    quarantined: int = 0
+    cleaned_points: int = 0
+    chunks: int = 0
+    vectors: int = 0
+    missing: list[str] = field(default_factory=list)  # valid, but no cleaned point
+    stale: list[str] = field(default_factory=list)  # cleaned/vectors from older content
+    without_vectors: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # points of no valid warehouse document
+    wrong_model: list[str] = field(default_factory=list)  # vectors built by another model
+
+    @property
+    def drift(self) -> dict[str, list[str]]:
+        return {
+            name: ids
+            for name, ids in (
+                ("missing", self.missing),
+                ("stale", self.stale),
+                ("without_vectors", self.without_vectors),
+                ("orphans", self.orphans),
+                ("wrong_model", self.wrong_model),
+            )
+            if ids
+        }
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.drift
+
+    @property
+    def drifted_ids(self) -> list[str]:
+        return sorted({i for ids in self.drift.values() for i in ids})
+
+    def counts(self) -> dict[str, int]:
+        data = asdict(self)
+        return {
+            k: (len(v) if isinstance(v, list) else v) for k, v in data.items() if k != "data_type"
+        }
+
+    def examples(self) -> dict[str, list[str]]:
+        return {name: sorted(ids)[:EXAMPLES] for name, ids in self.drift.items()}
+
+
+def audit(
+    warehouse: Warehouse, store: FeatureStore, data_type: str, embedder: Embedder
+) -> AuditReport:
+    report = AuditReport(data_type)
+    fingerprints: dict[str, str] = {}
+    for document in warehouse.documents(data_type).find():
+        report.warehouse_documents += 1
+        try:
+            fingerprints[str(document["_id"])] = validate(data_type, document).fingerprint()
+        except (ValidationError, ValueError):
+            report.quarantined += 1
+    empty_after_cleaning = {
+        q["entry_id"] for q in warehouse.quarantined(data_type) if q.get("stage") == "cleaned"
+    }
+    for entry_id in empty_after_cleaning & set(fingerprints):
+        report.quarantined += 1
+        del fingerprints[entry_id]
+
+    cleaned: dict[str, dict] = {}
+    for point in store.points(cleaned_collection(data_type)):
+        payload = point.payload or {}
+        cleaned[payload.get("document_id", "")] = payload
+    report.cleaned_points = len(cleaned)
+    report.chunks = sum(
+        len(d.get("chunks", [])) for d in warehouse.chunk_state(data_type).find(fields=["chunks"])
+    )
+
+    vectors: Counter[str] = Counter()
+    vector_hashes: dict[str, set[str]] = defaultdict(set)
+    wrong_model: set[str] = set()
+    for point in store.points(vector_collection(data_type)):
+        payload = point.payload or {}
+        document_id = payload.get("document_id", "")
+        vectors[document_id] += 1
+        vector_hashes[document_id].add(payload.get("content_hash", ""))
+        if payload.get("model_id") != embedder.signature:
+            wrong_model.add(document_id)
+    report.vectors = sum(vectors.values())
+
+    for entry_id, fingerprint in fingerprints.items():
+        payload = cleaned.get(entry_id)
+        if payload is None:
+            report.missing.append(entry_id)
+            continue
+        current = (
+            payload.get("content_hash") == fingerprint
+            and payload.get("pipeline_version") == PIPELINE_VERSION
+            and vector_hashes.get(entry_id, {fingerprint}) == {fingerprint}
+        )
+        if not current:
+            report.stale.append(entry_id)
+        if not vectors[entry_id]:
+            report.without_vectors.append(entry_id)
+    report.orphans = sorted((set(cleaned) | set(vectors)) - set(fingerprints))
+    report.wrong_model = sorted(wrong_model & set(fingerprints))
+    return report

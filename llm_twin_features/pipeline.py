@@ -1,0 +1,450 @@
+"""The four stages, free of Dagster: each reads its upstream's stored state, writes its own,
+and reports what it did. Every stage is incremental and idempotent:
+
+- a scope is a list of document ids, or None for the whole data type;
+- a document whose content hash (and pipeline/model signature) is unchanged is skipped;
+- a document missing upstream (deleted, or now invalid) is removed from this stage;
+- a chunk whose text and model are unchanged keeps its vector.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+from qdrant_client import models as qm
+
+from llm_twin_features.domain.dispatchers import (
+    ChunkingDispatcher,
+    CleaningDispatcher,
+    EmbeddingDispatcher,
+)
+from llm_twin_features.domain.embedding import Embedder
+from llm_twin_features.domain.models import (
+    PIPELINE_VERSION,
+    RAW_MODELS,
+    ChunkedDocument,
+    CleanedDocument,
+    RawDocument,
+    chunk_point_id,
+    document_point_id,
+)
+from llm_twin_features.settings import Settings
+from llm_twin_features.stores.feature_store import (
+    FeatureStore,
+    cleaned_collection,
+    vector_collection,
+)
+from llm_twin_features.stores.warehouse import Warehouse
+
+Progress = Callable[[str], Any]
+EMBED_SLICE = 512  # texts per encode call: progress is reported between slices
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class StageReport:
+    """What one stage did for one data type; becomes the asset's materialization metadata."""
+
+    stage: str
+    data_type: str
+    in_scope: int = 0
+    upserted: int = 0
+    skipped_unchanged: int = 0
+    deleted: int = 0
+    quarantined: dict[str, str] = field(default_factory=dict)
+    chunks: int = 0
+    vectors_embedded: int = 0
+    vectors_reused: int = 0
+    seconds: float = 0.0
+    model_id: str | None = None
+    changed_ids: list[str] = field(default_factory=list)
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.vectors_embedded / self.seconds if self.seconds else 0.0
+
+
+def validate(data_type: str, document: dict) -> RawDocument:
+    """A warehouse document as its type's raw model; raises ValidationError/ValueError."""
+    model = RAW_MODELS.get(data_type)
+    if model is None:
+        raise ValueError(f"unknown data type {data_type!r}")
+    return model.model_validate({**document, "entry_id": str(document.get("_id", ""))})
+
+
+def describe_error(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
+            for e in error.errors()
+        )
+    return str(error)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _quarantine(
+    warehouse: Warehouse,
+    data_type: str,
+    stage: str,
+    scope_ids: Iterable[str],
+    reasons: dict[str, str],
+) -> None:
+    """Records this stage's verdicts for the ids it looked at: new reasons in, cleared ones out."""
+    collection = warehouse.quarantine()
+    keys = {f"{data_type}:{i}" for i in scope_ids}
+    previous = (
+        {q["_id"] for q in collection.find(sorted(keys)) if q.get("stage") == stage}
+        if keys
+        else set()
+    )
+    collection.delete_many(previous - {f"{data_type}:{i}" for i in reasons})
+    collection.replace_many(
+        [
+            {
+                "_id": f"{data_type}:{entry_id}",
+                "data_type": data_type,
+                "entry_id": entry_id,
+                "stage": stage,
+                "reason": reason,
+                "at": _now(),
+            }
+            for entry_id, reason in reasons.items()
+        ]
+    )
+
+
+# --- raw -------------------------------------------------------------------------------------
+
+
+def ingest_raw(
+    warehouse: Warehouse,
+    data_type: str,
+    scope: list[str] | None = None,
+    progress: Progress = _quiet,
+) -> StageReport:
+    """Validates warehouse documents into the raw stage state; quarantines invalid ones."""
+    started = time.perf_counter()
+    report = StageReport("raw", data_type)
+    state = warehouse.raw_state(data_type)
+    documents = {str(d["_id"]): d for d in warehouse.documents(data_type).find(scope)}
+    stored = {d["_id"]: d.get("content_hash") for d in state.find(scope, fields=["content_hash"])}
+    report.in_scope = len(set(scope) if scope is not None else set(documents))
+
+    writes = []
+    for entry_id, document in documents.items():
+        try:
+            fingerprint = validate(data_type, document).fingerprint()
+        except (ValidationError, ValueError) as error:
+            report.quarantined[entry_id] = describe_error(error)
+            continue
+        if stored.get(entry_id) == fingerprint:
+            report.skipped_unchanged += 1
+            continue
+        body = {k: v for k, v in document.items() if k != "_id"}
+        writes.append(
+            {"_id": entry_id, "content_hash": fingerprint, "document": body, "updated_at": _now()}
+        )
+        report.changed_ids.append(entry_id)
+
+    state.replace_many(writes)
+    gone = set(stored) - (set(documents) - set(report.quarantined))
+    report.deleted = state.delete_many(gone)
+    report.changed_ids.extend(sorted(gone))
+    report.upserted = len(writes)
+    _quarantine(
+        warehouse, data_type, "raw", scope if scope is not None else documents, report.quarantined
+    )
+    if scope is None:  # forget verdicts on documents that left the warehouse
+        _forget_quarantine_of_missing(warehouse, data_type, set(documents))
+    report.seconds = time.perf_counter() - started
+    progress(
+        f"raw {data_type}: {report.upserted} written, {report.skipped_unchanged} unchanged, "
+        f"{report.deleted} removed, {len(report.quarantined)} quarantined"
+    )
+    return report
+
+
+def _forget_quarantine_of_missing(warehouse: Warehouse, data_type: str, present: set[str]) -> None:
+    stale = [q["_id"] for q in warehouse.quarantined(data_type) if q["entry_id"] not in present]
+    warehouse.quarantine().delete_many(stale)
+
+
+def stored_raw(warehouse: Warehouse, data_type: str, scope: list[str] | None) -> list[RawDocument]:
+    return [
+        validate(data_type, {**s["document"], "_id": s["_id"]})
+        for s in warehouse.raw_state(data_type).find(scope)
+    ]
+
+
+# --- cleaned ---------------------------------------------------------------------------------
+
+
+def _cleaned_payload(cleaned: CleanedDocument) -> dict:
+    return {
+        "document_id": cleaned.entry_id,
+        "data_type": cleaned.data_type,
+        "author_id": cleaned.author_id,
+        "content_hash": cleaned.content_hash,
+        "cleaned_content": cleaned.cleaned_content,
+        "chunk_index": None,
+        "model_id": None,
+        "pipeline_version": PIPELINE_VERSION,
+        **cleaned.metadata,
+    }
+
+
+def clean_documents(
+    warehouse: Warehouse,
+    store: FeatureStore,
+    data_type: str,
+    scope: list[str] | None = None,
+    progress: Progress = _quiet,
+) -> StageReport:
+    """Cleans raw documents into the `cleaned_{type}` snapshot."""
+    started = time.perf_counter()
+    report = StageReport("cleaned", data_type)
+    collection = store.ensure_cleaned_collection(data_type)
+    raw_documents = stored_raw(warehouse, data_type, scope)
+    existing = {str(p.id): p.payload or {} for p in store.points(collection, scope)}
+    report.in_scope = len(raw_documents)
+
+    points = []
+    for raw in raw_documents:
+        point_id = document_point_id(data_type, raw.entry_id)
+        payload = existing.get(point_id, {})
+        fingerprint = raw.fingerprint()
+        if (
+            payload.get("content_hash") == fingerprint
+            and payload.get("pipeline_version") == PIPELINE_VERSION
+        ):
+            report.skipped_unchanged += 1
+            continue
+        cleaned = CleaningDispatcher.dispatch(raw)
+        if not cleaned.cleaned_content.strip():
+            report.quarantined[raw.entry_id] = "no text left after cleaning"
+            continue
+        points.append(qm.PointStruct(id=point_id, vector={}, payload=_cleaned_payload(cleaned)))
+        report.changed_ids.append(raw.entry_id)
+
+    store.upsert(collection, points)
+    keep = {document_point_id(data_type, r.entry_id) for r in raw_documents} - {
+        document_point_id(data_type, i) for i in report.quarantined
+    }
+    gone = [pid for pid in existing if pid not in keep]
+    store.delete_points(collection, gone)
+    report.changed_ids.extend(existing[pid].get("document_id", "") for pid in gone)
+    report.upserted, report.deleted = len(points), len(gone)
+    _quarantine(
+        warehouse, data_type, "cleaned", [r.entry_id for r in raw_documents], report.quarantined
+    )
+    report.seconds = time.perf_counter() - started
+    progress(
+        f"cleaned {data_type}: {report.upserted} written, {report.skipped_unchanged} unchanged, "
+        f"{report.deleted} removed"
+    )
+    return report
+
+
+def stored_cleaned(
+    store: FeatureStore, data_type: str, scope: list[str] | None
+) -> list[CleanedDocument]:
+    metadata_keys = {"platform", "link", "name"}
+    return [
+        CleanedDocument(
+            entry_id=p.payload["document_id"],
+            data_type=data_type,
+            author_id=p.payload["author_id"],
+            content_hash=p.payload["content_hash"],
+            cleaned_content=p.payload["cleaned_content"],
+            metadata={k: v for k, v in p.payload.items() if k in metadata_keys},
+        )
+        for p in store.points(cleaned_collection(data_type), scope)
+        if p.payload
+    ]
+
+
+# --- chunked ---------------------------------------------------------------------------------
+
+
+def chunk_documents(
+    warehouse: Warehouse,
+    store: FeatureStore,
+    data_type: str,
+    embedder: Embedder,
+    scope: list[str] | None = None,
+    progress: Progress = _quiet,
+) -> StageReport:
+    """Chunks cleaned documents into the chunk stage state (keyed by document id)."""
+    started = time.perf_counter()
+    report = StageReport("chunked", data_type, model_id=embedder.signature)
+    state = warehouse.chunk_state(data_type)
+    cleaned_documents = stored_cleaned(store, data_type, scope)
+    stored = {
+        d["_id"]: (d.get("content_hash"), d.get("chunker"))
+        for d in state.find(scope, fields=["content_hash", "chunker"])
+    }
+    signature = ChunkingDispatcher.signature(data_type, embedder)
+    report.in_scope = len(cleaned_documents)
+
+    writes = []
+    for cleaned in cleaned_documents:
+        if stored.get(cleaned.entry_id) == (cleaned.content_hash, signature):
+            report.skipped_unchanged += 1
+            continue
+        chunked = ChunkingDispatcher.dispatch(cleaned, embedder)
+        report.chunks += len(chunked.chunks)
+        writes.append({"_id": chunked.entry_id, **chunked.model_dump(exclude={"entry_id"})})
+        report.changed_ids.append(cleaned.entry_id)
+
+    state.replace_many(writes)
+    gone = set(stored) - {c.entry_id for c in cleaned_documents}
+    report.deleted = state.delete_many(gone)
+    report.changed_ids.extend(sorted(gone))
+    report.upserted = len(writes)
+    report.seconds = time.perf_counter() - started
+    progress(
+        f"chunked {data_type}: {report.upserted} documents into {report.chunks} chunks, "
+        f"{report.skipped_unchanged} unchanged, {report.deleted} removed"
+    )
+    return report
+
+
+def stored_chunks(
+    warehouse: Warehouse, data_type: str, scope: list[str] | None
+) -> list[ChunkedDocument]:
+    return [
+        ChunkedDocument(entry_id=d["_id"], **{k: v for k, v in d.items() if k != "_id"})
+        for d in warehouse.chunk_state(data_type).find(scope)
+    ]
+
+
+# --- embedded --------------------------------------------------------------------------------
+
+
+def _chunk_payload(document: ChunkedDocument, index: int, model_id: str) -> dict:
+    chunk = document.chunks[index]
+    return {
+        "document_id": document.entry_id,
+        "data_type": document.data_type,
+        "author_id": document.author_id,
+        "content_hash": document.content_hash,
+        "chunk_index": chunk.chunk_index,
+        "chunk_id": chunk.chunk_id,
+        "text": chunk.chunk_content,
+        "model_id": model_id,
+        "pipeline_version": PIPELINE_VERSION,
+        **document.metadata,
+    }
+
+
+def embed_chunks(
+    warehouse: Warehouse,
+    store: FeatureStore,
+    data_type: str,
+    embedder: Embedder,
+    scope: list[str] | None = None,
+    progress: Progress = _quiet,
+) -> StageReport:
+    """Embeds chunks into `vector_{type}`, reusing the vector of every unchanged chunk text."""
+    started = time.perf_counter()
+    model_id = embedder.signature
+    report = StageReport("embedded", data_type, model_id=model_id)
+    documents = stored_chunks(warehouse, data_type, scope)
+    collection = vector_collection(data_type)
+    existing = {str(p.id): p.payload or {} for p in store.points(collection, scope)}
+    by_document: dict[str, dict[str, str]] = defaultdict(dict)  # document -> chunk_id -> point
+    for point_id, payload in existing.items():
+        if payload.get("model_id") == model_id:
+            by_document[payload.get("document_id", "")][payload.get("chunk_id", "")] = point_id
+    report.in_scope = len(documents)
+
+    to_embed: list[tuple[ChunkedDocument, int]] = []
+    to_copy: list[tuple[ChunkedDocument, int, str]] = []  # reuse the vector of another point
+    keep: set[str] = set()
+    for document in documents:
+        unchanged = True
+        for chunk in document.chunks:
+            point_id = chunk_point_id(data_type, document.entry_id, chunk.chunk_index)
+            keep.add(point_id)
+            report.chunks += 1
+            payload = existing.get(point_id)
+            if payload == _chunk_payload(document, chunk.chunk_index, model_id):
+                report.vectors_reused += 1
+                continue
+            unchanged = False
+            source = by_document[document.entry_id].get(chunk.chunk_id)
+            if source is not None:
+                to_copy.append((document, chunk.chunk_index, source))
+            else:
+                to_embed.append((document, chunk.chunk_index))
+        if unchanged:
+            report.skipped_unchanged += 1
+        else:
+            report.changed_ids.append(document.entry_id)
+
+    gone = [pid for pid in existing if pid not in keep]
+    if to_embed or to_copy:
+        store.ensure_vector_collection(data_type, embedder.dimension)
+    copied = store.vectors(collection, sorted({source for *_, source in to_copy}))
+    points = [
+        qm.PointStruct(
+            id=chunk_point_id(data_type, d.entry_id, i),
+            vector=copied[source],
+            payload=_chunk_payload(d, i, model_id),
+        )
+        for d, i, source in to_copy
+    ]
+    report.vectors_reused += len(points)
+    store.upsert(collection, points)
+
+    # Longest first, so each encode call pads texts of similar length.
+    to_embed.sort(key=lambda item: -len(item[0].chunks[item[1]].chunk_content))
+    embed_started = time.perf_counter()
+    for start in range(0, len(to_embed), EMBED_SLICE):
+        batch = to_embed[start : start + EMBED_SLICE]
+        vectors = embedder.embed([d.chunks[i].chunk_content for d, i in batch])
+        store.upsert(
+            collection,
+            [
+                qm.PointStruct(
+                    id=chunk_point_id(data_type, d.entry_id, i),
+                    vector=vector,
+                    payload=_chunk_payload(d, i, model_id),
+                )
+                for (d, i), vector in zip(batch, vectors, strict=True)
+            ],
+        )
+        done = start + len(batch)
+        rate = done / (time.perf_counter() - embed_started)
+        progress(f"embedded {data_type}: {done}/{len(to_embed)} chunks ({rate:.1f} chunks/s)")
+    report.vectors_embedded = len(to_embed)
+
+    store.delete_points(collection, gone)
+    report.deleted = len(gone)
+    report.changed_ids.extend(
+        sorted({existing[p].get("document_id", "") for p in gone} - set(report.changed_ids))
+    )
+    report.upserted = len(points) + len(to_embed)
+    report.seconds = time.perf_counter() - started
+    progress(
+        f"embedded {data_type}: {report.vectors_embedded} chunks embedded, "
+        f"{report.vectors_reused} reused, {report.deleted} points removed "
+        f"({report.seconds:.1f} s, model {model_id})"
+    )
+    return report
+
+
+def embedder_for(data_type: str, settings: Settings) -> Embedder:
+    return EmbeddingDispatcher.embedder(data_type, settings)

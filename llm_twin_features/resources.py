@@ -1,0 +1,86 @@
+"""Dagster resources: thin wrappers that open the store adapters for one step at a time.
+
+Every field can come from the environment through `dg.EnvVar` (see `definitions.py`); unset
+store URLs select the embedded defaults under the data dir.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from llm_twin_features.settings import (
+    BUNDLED_MODEL,
+    DEFAULT_CODE_INSTRUCTION,
+    DEFAULT_CODE_QUERY_INSTRUCTION,
+    Settings,
+)
+from llm_twin_features.stores.feature_store import FeatureStore, open_feature_store
+from llm_twin_features.stores.warehouse import Warehouse, open_warehouse
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The MongoDB warehouse (montydb when `mongo_uri` is empty) and the stage state."""
+
+    mongo_uri: str = Field(default="", description="mongodb:// URI; empty: embedded montydb")
+    database: str = "twin"
+    features_database: str = "twin_features"
+    data_dir: str = ".data"
+
+    @contextmanager
+    def open(self) -> Iterator[Warehouse]:
+        warehouse = open_warehouse(
+            self.mongo_uri or None, self.database, self.features_database, Path(self.data_dir)
+        )
+        try:
+            warehouse.ping()
+            yield warehouse
+        finally:
+            warehouse.close()
+
+
+class FeatureStoreResource(dg.ConfigurableResource):
+    """Qdrant (local mode under the data dir when `qdrant_url` is empty)."""
+
+    qdrant_url: str = Field(default="", description="Qdrant server URL; empty: local mode")
+    qdrant_api_key: str = ""
+    data_dir: str = ".data"
+    lock_timeout_seconds: float = 600.0
+
+    @contextmanager
+    def open(self, log=None) -> Iterator[FeatureStore]:
+        """Open for one step only: local mode admits one process per folder."""
+        store = open_feature_store(
+            self.qdrant_url or None,
+            self.qdrant_api_key or None,
+            Path(self.data_dir),
+            self.lock_timeout_seconds,
+            on_wait=log.info if log else None,
+        )
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+class EmbeddingResource(dg.ConfigurableResource):
+    """Which models embed which data type; models load once per process, on first use."""
+
+    embedding_model: str = BUNDLED_MODEL
+    code_embedding_model: str = BUNDLED_MODEL
+    code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
+    code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
+    batch_size: int = 64
+
+    def settings(self) -> Settings:
+        return Settings(
+            embedding_model=self.embedding_model,
+            code_embedding_model=self.code_embedding_model,
+            code_embedding_instruction=self.code_embedding_instruction,
+            code_query_instruction=self.code_query_instruction,
+            embedding_batch_size=self.batch_size,
+        )

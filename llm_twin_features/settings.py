@@ -1,0 +1,43 @@
+"""Environment configuration, one place for every variable `.env.example` documents.
+
+Unset store URLs select the embedded defaults (montydb warehouse, qdrant local mode) under
+`LLM_TWIN_DATA_DIR`, so the same code runs on a laptop and against real servers.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_TYPES: tuple[str, ...] = ("posts", "articles", "repositories")
+
+BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
+DEFAULT_CODE_INSTRUCTION = "Represent the code snippet for retrieval:"
+DEFAULT_CODE_QUERY_INSTRUCTION = "Represent the question for retrieving relevant code:"
+
+
+class Settings(BaseSettings):
+    """Read once per process; every field maps to an environment variable of the same name."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+
+    mongo_uri: str | None = None
+    mongo_database: str = "twin"
+    features_database: str = "twin_features"
+    qdrant_url: str | None = None
+    qdrant_api_key: SecretStr | None = None
+    data_dir: Path = Field(
+        default=Path(".data"), validation_alias=AliasChoices("LLM_TWIN_DATA_DIR", "data_dir")
+    )
+    embedding_model: str = BUNDLED_MODEL
+    code_embedding_model: str = BUNDLED_MODEL
+    code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
+    code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
+    embedding_batch_size: int = 64
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()

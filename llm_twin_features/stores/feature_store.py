@@ -1,0 +1,191 @@
+"""The feature store (Qdrant): two snapshots per data type.
+
+`cleaned_{type}` holds one point per document, no vector, payload = the cleaned document (for
+fine-tuning datasets); `vector_{type}` one point per chunk with its embedding (for RAG). Point
+ids are deterministic, so every write is an idempotent upsert.
+
+With `QDRANT_URL` unset, qdrant-client's local mode stores the collections under the data dir.
+Local mode allows one process per folder: opening waits (bounded) for another process to let
+go, and callers close the store as soon as their step ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from qdrant_client import QdrantClient, models
+
+SCROLL_PAGE = 1024
+UPSERT_BATCH = 256
+KEYWORD_INDEXES = ("document_id", "author_id")
+
+
+class FeatureStoreUnavailable(RuntimeError):
+    """The feature store could not be opened or reached; nothing was written."""
+
+
+def cleaned_collection(data_type: str) -> str:
+    return f"cleaned_{data_type}"
+
+
+def vector_collection(data_type: str) -> str:
+    return f"vector_{data_type}"
+
+
+def _documents_filter(document_ids: Iterable[str] | None) -> models.Filter | None:
+    if document_ids is None:
+        return None
+    return models.Filter(
+        must=[
+            models.FieldCondition(key="document_id", match=models.MatchAny(any=list(document_ids)))
+        ]
+    )
+
+
+class FeatureStore:
+    def __init__(self, client: QdrantClient, local: bool) -> None:
+        self.client = client
+        self.local = local
+
+    # --- collections ---------------------------------------------------------------------------
+
+    def exists(self, collection: str) -> bool:
+        return self.client.collection_exists(collection)
+
+    def ensure_cleaned_collection(self, data_type: str) -> str:
+        name = cleaned_collection(data_type)
+        if not self.exists(name):
+            self.client.create_collection(name, vectors_config={})
+            self._index_payload(name)
+        return name
+
+    def ensure_vector_collection(self, data_type: str, dimension: int) -> str:
+        """Creates `vector_{type}`; recreates it when the model's dimension changed."""
+        name = vector_collection(data_type)
+        if self.exists(name):
+            params = self.client.get_collection(name).config.params.vectors
+            if isinstance(params, models.VectorParams) and params.size == dimension:
+                return name
+            self.client.delete_collection(name)
+        self.client.create_collection(
+            name,
+            vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
+        )
+        self._index_payload(name)
+        return name
+
+    def _index_payload(self, name: str) -> None:
+        if self.local:  # local mode scans payloads; indexes have no effect there
+            return
+        for field in KEYWORD_INDEXES:
+            self.client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def points(
+        self,
+        collection: str,
+        document_ids: Iterable[str] | None = None,
+        with_vectors: bool = False,
+    ) -> Iterator[models.Record]:
+        """Every point of `collection`, or of the given documents only."""
+        if not self.exists(collection):
+            return
+        query_filter = _documents_filter(document_ids)
+        offset = None
+        while True:
+            records, offset = self.client.scroll(
+                collection,
+                scroll_filter=query_filter,
+                limit=SCROLL_PAGE,
+                offset=offset,
+                with_payload=True,
+                with_vectors=with_vectors,
+            )
+            yield from records
+            if offset is None:
+                return
+
+    def vectors(self, collection: str, point_ids: list[str]) -> dict[str, list[float]]:
+        if not point_ids:
+            return {}
+        records = self.client.retrieve(collection, ids=point_ids, with_vectors=True)
+        return {str(r.id): r.vector for r in records}  # type: ignore[misc]
+
+    def count(self, collection: str) -> int:
+        if not self.exists(collection):
+            return 0
+        return self.client.count(collection, exact=True).count
+
+    def search(
+        self, collection: str, vector: list[float], limit: int, author_id: str | None = None
+    ) -> list[models.ScoredPoint]:
+        if not self.exists(collection):
+            return []
+        query_filter = None
+        if author_id:
+            query_filter = models.Filter(
+                must=[
+                    models.FieldCondition(key="author_id", match=models.MatchValue(value=author_id))
+                ]
+            )
+        return self.client.query_points(
+            collection, query=vector, limit=limit, query_filter=query_filter, with_payload=True
+        ).points
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def upsert(self, collection: str, points: list[models.PointStruct]) -> None:
+        for start in range(0, len(points), UPSERT_BATCH):
+            self.client.upsert(collection, points=points[start : start + UPSERT_BATCH], wait=True)
+
+    def delete_points(self, collection: str, point_ids: Iterable[str]) -> None:
+        ids = list(point_ids)
+        if ids and self.exists(collection):
+            self.client.delete(
+                collection, points_selector=models.PointIdsList(points=ids), wait=True
+            )
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_feature_store(
+    qdrant_url: str | None,
+    api_key: str | None,
+    data_dir: Path,
+    lock_timeout: float = 600.0,
+    on_wait: Callable[[str], Any] | None = None,
+) -> FeatureStore:
+    """A server client when `qdrant_url` is set, else local mode under `data_dir/qdrant`."""
+    if qdrant_url:
+        client = QdrantClient(url=qdrant_url, api_key=api_key, timeout=30)
+        try:
+            client.get_collections()
+        except Exception as error:
+            raise FeatureStoreUnavailable(f"Qdrant at {qdrant_url} unreachable: {error}") from error
+        return FeatureStore(client, local=False)
+
+    path = data_dir / "qdrant"
+    path.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + lock_timeout
+    delay = 0.2
+    while True:
+        try:
+            return FeatureStore(QdrantClient(path=str(path)), local=True)
+        except RuntimeError as error:
+            if "already accessed" not in str(error):
+                raise
+            if time.monotonic() >= deadline:
+                raise FeatureStoreUnavailable(
+                    f"the local feature store at {path} is held by another process for more than "
+                    f"{lock_timeout:.0f} s (a running pipeline run, `dagster dev` step or CLI); "
+                    "retry when it is done, or set QDRANT_URL to use a Qdrant server"
+                ) from error
+            if on_wait:
+                on_wait(f"feature store {path} is in use by another process; waiting")
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
