@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
     embedding_batch_size: int = 64
 
+    # Change events (RabbitMQ). Unset user/password: the broker's default local account.
+    rabbitmq_host: str = "127.0.0.1"
+    rabbitmq_port: int = 5672
+    rabbitmq_user: str | None = None
+    rabbitmq_password: SecretStr | None = None
+    rabbitmq_vhost: str = "/"
+    rabbitmq_queue: str = "warehouse_changes"
+    sensor_interval_seconds: int = 2
+    sensor_max_events: int = 500
+    sensor_time_budget_seconds: float = 10.0
+
     @cached_property
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()

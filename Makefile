@@ -1,0 +1,53 @@
+# `make run`: install, load the sample corpus, backfill, show status and a search, start the UI.
+# `make test`: lint and the test suite (real RabbitMQ/PostgreSQL, embedded montydb/qdrant).
+# `make bench`: the benchmarks of BENCHMARKS.md.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CLI := $(BIN)/llm-twin-features
+
+export LLM_TWIN_DATA_DIR ?= $(CURDIR)/.data
+export DAGSTER_HOME ?= $(LLM_TWIN_DATA_DIR)/dagster_home
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test lint bench ui clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first: anything else pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+run: install $(DAGSTER_HOME)/dagster.yaml
+	$(CLI) ingest llm_twin_features/sample_data/corpus.jsonl
+	$(CLI) backfill
+	$(CLI) status
+	$(CLI) search "how do I keep a vector database in sync with MongoDB?" --limit 3
+	@echo "Dagster UI on http://127.0.0.1:3000 (Ctrl-C to stop)"
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf .data bench/.work
