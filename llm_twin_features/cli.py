@@ -132,9 +132,9 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     home = prepare_dagster_home(settings)
     import dagster as dg
 
-    from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, defs
+    from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
 
-    job = defs.resolve_job_def(FEATURE_PIPELINE_JOB)
+    job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
     data_types = [args.type] if args.type else list(DATA_TYPES)
     failed = []
     with dg.DagsterInstance.get() as instance:

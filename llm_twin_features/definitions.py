@@ -8,7 +8,6 @@ from pathlib import Path
 import dagster as dg
 
 from llm_twin_features.assets import feature_assets, warehouse_documents
-from llm_twin_features.partitions import data_type_partitions
 from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
 from llm_twin_features.settings import Settings
 
@@ -49,14 +48,19 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
 feature_pipeline_job = dg.define_asset_job(
     FEATURE_PIPELINE_JOB,
     selection=dg.AssetSelection.assets(*feature_assets),
-    partitions_def=data_type_partitions,
     description="Warehouse -> raw -> cleaned -> chunked -> embedded for one data type.",
 )
 
-defs = dg.Definitions(
-    assets=[warehouse_documents, *feature_assets],
-    jobs=[feature_pipeline_job],
-    resources=build_resources(),
-    # One process per run: models load once, and Qdrant local mode admits one process.
-    executor=dg.in_process_executor,
-)
+
+def build_definitions() -> dg.Definitions:
+    """The definitions with resources read from the environment as it is now."""
+    return dg.Definitions(
+        assets=[warehouse_documents, *feature_assets],
+        jobs=[feature_pipeline_job],
+        resources=build_resources(),
+        # One process per run: models load once, and Qdrant local mode admits one process.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions()

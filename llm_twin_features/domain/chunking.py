@@ -70,5 +70,5 @@ def chunk_text(text: str, config: ChunkingConfig, window: TokenWindow) -> list[s
     return [
         piece
         for section in splitter.split_text(text)
-        for piece in split_on_tokens(section, window, config.token_overlap)
+        for piece in split_on_tokens(section.strip(), window, config.token_overlap)
     ]

@@ -4,7 +4,9 @@ Deviations from the original (each covered by a test):
 - content values are joined with a paragraph break (the original glued words together) and
   `None` or non-text values are skipped (the original crashed on them);
 - non-ASCII letters are kept: text is Unicode-normalised (NFKC) instead of having every
-  non-ASCII character dropped, so "café", "Straße" and "数据" survive.
+  non-ASCII character dropped, so "café", "Straße" and "数据" survive;
+- the gaps left by removed emojis are tidied: runs of spaces inside a line become one space
+  and trailing spaces go (leading indentation, which code needs, is kept).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ _EMOJI_AND_ARROWS = re.compile(
 _URL = re.compile(r"https?://\S+|www\.\S+")
 # Control characters other than tab and newline (NFKC leaves them in place).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_INNER_SPACES = re.compile(r"(?<=\S)[ \t]{2,}")
+_TRAILING_SPACES = re.compile(r"[ \t]+$", re.MULTILINE)
 
 
 def join_content(values: Iterable[Any]) -> str:
@@ -67,6 +71,10 @@ def replace_urls(text: str) -> str:
     return _URL.sub("[URL]", text)
 
 
+def tidy_spaces(text: str) -> str:
+    return _TRAILING_SPACES.sub("", _INNER_SPACES.sub(" ", text))
+
+
 def clean_text(text: str) -> str:
     """The original's chain of steps, in its order, newlines kept."""
     text = unbold(text)
@@ -75,7 +83,8 @@ def clean_text(text: str) -> str:
     text = clean(text)
     text = replace_unicode_quotes(text)
     text = normalize_unicode(text)
-    return replace_urls(text)
+    text = replace_urls(text)
+    return tidy_spaces(text)
 
 
 def clean_content(content: Mapping[str, Any]) -> str:

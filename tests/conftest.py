@@ -1,0 +1,27 @@
+"""Shared fixtures: every test gets its own embedded stores under a temporary data dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import llm_twin_features.sample_data
+
+SAMPLE_CORPUS = Path(llm_twin_features.sample_data.__file__).parent / "corpus.jsonl"
+STORE_VARIABLES = ("MONGO_URI", "QDRANT_URL", "QDRANT_API_KEY", "DAGSTER_HOME")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Embedded defaults under a fresh directory; server URLs from the caller's shell ignored."""
+    for name in STORE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    directory = tmp_path / "data"
+    monkeypatch.setenv("LLM_TWIN_DATA_DIR", str(directory))
+    return directory
+
+
+def sample_documents() -> list[dict]:
+    return [json.loads(line) for line in SAMPLE_CORPUS.read_text().splitlines() if line.strip()]

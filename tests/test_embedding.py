@@ -1,0 +1,104 @@
+"""The embedding path, including INSTRUCTOR checkpoints run through sentence-transformers."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm_twin_features.domain.embedding import Embedder, load_model, resolve_model_path
+from llm_twin_features.settings import BUNDLED_MODEL
+
+INSTRUCTION = "Represent the code snippet for retrieval:"
+CODE = "def chunk(text, size):\n    return [text[i : i + size] for i in range(0, len(text), size)]"
+
+
+@pytest.fixture(scope="module")
+def instructor_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An INSTRUCTOR-format checkpoint (Transformer, mean Pooling, Dense, Normalize, as in
+    hkunlp/instructor-*) built offline from the bundled MiniLM, with an identity Dense layer."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Dense,
+        Normalize,
+        Pooling,
+        Transformer,
+    )
+
+    base = resolve_model_path(BUNDLED_MODEL)
+    modules = [
+        Transformer(base),
+        Pooling(384, pooling_mode="mean"),
+        Dense(
+            384,
+            384,
+            bias=False,
+            activation_function=torch.nn.Identity(),
+            init_weight=torch.eye(384),
+        ),
+        Normalize(),
+    ]
+    target = tmp_path_factory.mktemp("instructor-minilm")
+    SentenceTransformer(modules=modules, device="cpu").save(str(target))
+    return str(target)
+
+
+def manual_instructor_embedding(model_dir: str, instruction: str, text: str) -> np.ndarray:
+    """INSTRUCTOR's definition, computed with plain transformers: mean of the token embeddings
+    of the text only ([CLS] and instruction tokens excluded), then the (identity) Dense, then
+    L2 normalisation."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    encoded = tokenizer(instruction + text, return_tensors="pt")
+    with torch.no_grad():
+        tokens = model(**encoded).last_hidden_state[0]
+    instruction_positions = len(tokenizer(instruction)["input_ids"]) - 1  # [CLS] + instruction
+    pooled = tokens[instruction_positions:].mean(dim=0)
+    return (pooled / pooled.norm()).numpy()
+
+
+def test_instruction_tokens_are_excluded_from_pooling(instructor_model_dir: str):
+    embedder = Embedder(instructor_model_dir, INSTRUCTION)
+    ours = np.array(embedder.embed([CODE])[0])
+    expected = manual_instructor_embedding(instructor_model_dir, INSTRUCTION, CODE)
+    assert np.allclose(ours, expected, atol=1e-5)
+
+    # Pooling over the instruction too (what a plain model would do) gives another vector...
+    model = load_model(instructor_model_dir)
+    model.set_pooling_include_prompt(True)
+    try:
+        included = model.encode([CODE], prompt=INSTRUCTION, normalize_embeddings=True)[0]
+    finally:
+        model.set_pooling_include_prompt(False)
+    assert not np.allclose(ours, included, atol=1e-3)
+    # ...and the instruction still conditions the text tokens through attention.
+    plain = np.array(Embedder(instructor_model_dir).embed([CODE])[0])
+    assert not np.allclose(ours, plain, atol=1e-3)
+
+
+def test_instruction_is_part_of_the_vector_signature():
+    assert Embedder(BUNDLED_MODEL).signature == BUNDLED_MODEL
+    with_instruction = Embedder(BUNDLED_MODEL, INSTRUCTION).signature
+    assert with_instruction.startswith(BUNDLED_MODEL + "#instruction=")
+    assert with_instruction != Embedder(BUNDLED_MODEL, "Represent the document:").signature
+
+
+def test_one_model_instance_per_process():
+    assert load_model(BUNDLED_MODEL) is load_model(BUNDLED_MODEL)
+    assert Embedder(BUNDLED_MODEL).model is Embedder(BUNDLED_MODEL, INSTRUCTION).model
+
+
+def test_batched_encoding_matches_one_by_one():
+    embedder = Embedder(BUNDLED_MODEL, batch_size=4)
+    texts = [f"Chunk {i}: vector databases store embeddings." * (i + 1) for i in range(9)]
+    batched = np.array(embedder.embed(texts))
+    single = np.array([embedder.embed([t])[0] for t in texts])
+    assert batched.shape == (9, 384)
+    assert np.allclose(batched, single, atol=1e-5)
+    assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+
+
+def test_bundled_model_resolves_to_a_local_directory():
+    assert (Path(resolve_model_path(BUNDLED_MODEL)) / "modules.json").exists()
