@@ -29,7 +29,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $@
 
 run: install $(DAGSTER_HOME)/dagster.yaml
-	$(CLI) ingest llm_twin_features/sample_data/corpus.jsonl
+	$(CLI) ingest --no-publish llm_twin_features/sample_data/corpus.jsonl
 	$(CLI) backfill
 	$(CLI) status
 	$(CLI) search "how do I keep a vector database in sync with MongoDB?" --limit 3

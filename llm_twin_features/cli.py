@@ -105,13 +105,92 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         assert document is not None
         data_type = document.pop("type")
         batches[data_type].append(document)
+    events = []
     with _warehouse(settings) as warehouse:
         for data_type, documents in batches.items():
-            warehouse.documents(data_type).replace_many(documents)
+            collection = warehouse.documents(data_type)
+            existing = collection.ids() if documents else set()
+            collection.replace_many(documents)
+            events += [
+                _event(data_type, d["_id"], "replace" if d["_id"] in existing else "insert")
+                for d in documents
+            ]
     counts = ", ".join(f"{t}: {len(d)}" for t, d in batches.items())
-    total = sum(len(d) for d in batches.values())
-    print(f"ingested {total} documents ({counts}); {bad} bad lines skipped")
-    return 1 if bad else 0
+    print(f"ingested {len(events)} documents ({counts}); {bad} bad lines skipped")
+    published = _publish(events, settings, args.no_publish, replay="llm-twin-features backfill")
+    return 1 if bad or not published else 0
+
+
+def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
+    with _warehouse(settings) as warehouse:
+        collection = warehouse.documents(args.type)
+        present = {str(d["_id"]) for d in collection.find(args.ids, fields=["_id"])}
+        collection.delete_many(present)
+    missing = [i for i in args.ids if i not in present]
+    print(f"deleted {len(present)} {args.type} documents from the warehouse")
+    if missing:
+        _err(
+            f"not in the warehouse: {', '.join(missing)} (delete events are sent anyway, so "
+            "features left from earlier are removed)"
+        )
+    events = [_event(args.type, i, "delete") for i in args.ids]
+    published = _publish(events, settings, args.no_publish, replay="llm-twin-features backfill")
+    return 1 if missing or not published else 0
+
+
+def _event(data_type: str, entry_id: str, op: str):
+    from llm_twin_features.events import ChangeEvent
+
+    return ChangeEvent(type=data_type, entry_id=entry_id, op=op)
+
+
+def _publish(events: list, settings: Settings, skip: bool, replay: str) -> bool:
+    """Publishes change events after the warehouse write; False (and how to replay) on failure."""
+    if skip or not events:
+        return True
+    from llm_twin_features.stores.queue import BrokerUnavailable, EventPublisher
+
+    broker = settings.broker_config()
+    try:
+        with EventPublisher(broker) as publisher:
+            publisher.publish(events)
+    except BrokerUnavailable as error:
+        _err(
+            f"error: {error}\n{len(events)} change events were NOT published; the warehouse "
+            f"write stands. Replay with `{replay}` (rebuilds from the warehouse), or re-run "
+            "this command once RabbitMQ is up."
+        )
+        return False
+    print(f"published {len(events)} change events to {broker.address}/{broker.queue}")
+    return True
+
+
+def cmd_cdc(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+    import signal
+    import threading
+
+    from llm_twin_features import cdc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    broker = settings.broker_config()
+    with _warehouse(settings) as warehouse:
+        try:
+            cdc.require_replica_set(warehouse)
+        except cdc.NotAReplicaSet as error:
+            _err(f"error: {error}")
+            return 2
+        print(f"watching {settings.mongo_database} for changes -> {broker.address}/{broker.queue}")
+        cdc.run(
+            warehouse,
+            broker,
+            stop,
+            on_event=lambda e: print(f"{e.op} {e.type}/{e.entry_id}", flush=True),
+        )
+    return 0
 
 
 # --- backfill ----------------------------------------------------------------------------------
@@ -283,9 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ingest = commands.add_parser("ingest", help="write JSONL documents into the warehouse")
+    ingest = commands.add_parser(
+        "ingest", help="write JSONL documents into the warehouse and publish change events"
+    )
     ingest.add_argument("files", nargs="+", metavar="FILE")
+    ingest.add_argument("--no-publish", action="store_true", help="do not publish events")
     ingest.set_defaults(handler=cmd_ingest)
+
+    delete = commands.add_parser(
+        "delete", help="delete documents from the warehouse and publish change events"
+    )
+    delete.add_argument("ids", nargs="+", metavar="ID")
+    delete.add_argument("--type", choices=DATA_TYPES, required=True)
+    delete.add_argument("--no-publish", action="store_true", help="do not publish events")
+    delete.set_defaults(handler=cmd_delete)
+
+    cdc = commands.add_parser(
+        "cdc", help="publish MongoDB change-stream events to RabbitMQ (needs a replica set)"
+    )
+    cdc.set_defaults(handler=cmd_cdc)
 
     backfill = commands.add_parser("backfill", help="rebuild features for data types via Dagster")
     backfill.add_argument("--type", choices=DATA_TYPES)

@@ -8,7 +8,13 @@ from pathlib import Path
 import dagster as dg
 
 from llm_twin_features.assets import feature_assets, warehouse_documents
-from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
+from llm_twin_features.resources import (
+    EmbeddingResource,
+    EventBrokerResource,
+    FeatureStoreResource,
+    WarehouseResource,
+)
+from llm_twin_features.sensors import build_sensor, warehouse_events_job
 from llm_twin_features.settings import Settings
 
 FEATURE_PIPELINE_JOB = "feature_pipeline_job"
@@ -42,6 +48,18 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             ),
             code_query_instruction=_env("CODE_QUERY_INSTRUCTION", defaults.code_query_instruction),
         ),
+        "event_broker": EventBrokerResource(
+            host=_env("RABBITMQ_HOST", defaults.rabbitmq_host),
+            port=(
+                dg.EnvVar.int("RABBITMQ_PORT")
+                if os.environ.get("RABBITMQ_PORT")
+                else defaults.rabbitmq_port
+            ),
+            user=_env("RABBITMQ_USER", ""),
+            password=_env("RABBITMQ_PASSWORD", ""),
+            vhost=_env("RABBITMQ_VHOST", defaults.rabbitmq_vhost),
+            queue=_env("RABBITMQ_QUEUE", defaults.rabbitmq_queue),
+        ),
     }
 
 
@@ -56,7 +74,8 @@ def build_definitions() -> dg.Definitions:
     """The definitions with resources read from the environment as it is now."""
     return dg.Definitions(
         assets=[warehouse_documents, *feature_assets],
-        jobs=[feature_pipeline_job],
+        jobs=[feature_pipeline_job, warehouse_events_job],
+        sensors=[build_sensor(Settings())],
         resources=build_resources(),
         # One process per run: models load once, and Qdrant local mode admits one process.
         executor=dg.in_process_executor,

@@ -20,6 +20,7 @@ from llm_twin_features.settings import (
     Settings,
 )
 from llm_twin_features.stores.feature_store import FeatureStore, open_feature_store
+from llm_twin_features.stores.queue import BrokerConfig
 from llm_twin_features.stores.warehouse import Warehouse, open_warehouse
 
 
@@ -83,4 +84,25 @@ class EmbeddingResource(dg.ConfigurableResource):
             code_embedding_instruction=self.code_embedding_instruction,
             code_query_instruction=self.code_query_instruction,
             embedding_batch_size=self.batch_size,
+        )
+
+
+class EventBrokerResource(dg.ConfigurableResource):
+    """RabbitMQ holding warehouse change events (credentials from the environment)."""
+
+    host: str = "127.0.0.1"
+    port: int = 5672
+    user: str = ""
+    password: str = ""
+    vhost: str = "/"
+    queue: str = "warehouse_changes"
+
+    def config(self) -> BrokerConfig:
+        return BrokerConfig(
+            host=self.host,
+            port=self.port,
+            user=self.user or None,
+            password=self.password or None,
+            vhost=self.vhost,
+            queue=self.queue,
         )

@@ -52,3 +52,16 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
+
+    def broker_config(self):
+        from llm_twin_features.stores.queue import BrokerConfig
+
+        password = self.rabbitmq_password.get_secret_value() if self.rabbitmq_password else None
+        return BrokerConfig(
+            host=self.rabbitmq_host,
+            port=self.rabbitmq_port,
+            user=self.rabbitmq_user,
+            password=password,
+            vhost=self.rabbitmq_vhost,
+            queue=self.rabbitmq_queue,
+        )

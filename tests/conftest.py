@@ -25,3 +25,23 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def sample_documents() -> list[dict]:
     return [json.loads(line) for line in SAMPLE_CORPUS.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def broker(monkeypatch: pytest.MonkeyPatch):
+    """A fresh queue topology on the real local RabbitMQ, removed afterwards."""
+    import uuid
+
+    import pika
+
+    from llm_twin_features.stores.queue import BrokerConfig
+
+    config = BrokerConfig(queue=f"test_events_{uuid.uuid4().hex[:10]}")
+    monkeypatch.setenv("RABBITMQ_QUEUE", config.queue)
+    yield config
+    connection = pika.BlockingConnection(pika.ConnectionParameters(config.host, config.port))
+    channel = connection.channel()
+    channel.queue_delete(config.queue)
+    channel.queue_delete(config.dead_letter_queue)
+    channel.exchange_delete(config.dead_letter_exchange)
+    connection.close()
