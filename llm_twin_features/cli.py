@@ -352,6 +352,37 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- model server and local stack ---------------------------------------------------------------
+
+
+def cmd_serve_models(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    import threading
+
+    from llm_twin_features.model_server import serve
+
+    models = [settings.embedding_model, settings.code_embedding_model]
+    print(f"loading {', '.join(dict.fromkeys(models))}", flush=True)
+    server = serve(args.host, args.port, preload=models)
+    print(f"model server on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """The laptop stack: the model server, then `dagster dev` (UI, daemon, sensor)."""
+    from llm_twin_features.local_stack import LocalStack
+
+    home = prepare_dagster_home(settings)
+    with LocalStack(settings, dagster_home=home, ui_port=args.port) as stack:
+        print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything)", flush=True)
+        return stack.wait()
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
@@ -393,6 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--author", help="only chunks by this author id")
     search.add_argument("--json", action="store_true", help="one JSON object per result")
     search.set_defaults(handler=cmd_search)
+
+    serve_models = commands.add_parser(
+        "serve-models", help="keep the embedding models loaded for pipeline runs"
+    )
+    serve_models.add_argument("--host", default="127.0.0.1")
+    serve_models.add_argument("--port", type=int, default=8765)
+    serve_models.set_defaults(handler=cmd_serve_models)
+
+    dev = commands.add_parser("dev", help="model server + Dagster UI, daemon and sensor")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(handler=cmd_dev)
 
     status = commands.add_parser("status", help="per-type counts and drift")
     status.add_argument("--json", action="store_true")

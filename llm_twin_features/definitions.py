@@ -47,6 +47,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
                 "CODE_EMBEDDING_INSTRUCTION", defaults.code_embedding_instruction
             ),
             code_query_instruction=_env("CODE_QUERY_INSTRUCTION", defaults.code_query_instruction),
+            service_url=_env("EMBEDDING_SERVICE_URL", ""),
         ),
         "event_broker": EventBrokerResource(
             host=_env("RABBITMQ_HOST", defaults.rabbitmq_host),

@@ -76,6 +76,7 @@ class EmbeddingResource(dg.ConfigurableResource):
     code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
     code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
     batch_size: int = 64
+    service_url: str = Field(default="", description="model server URL; empty: load in-process")
 
     def settings(self) -> Settings:
         return Settings(
@@ -84,6 +85,7 @@ class EmbeddingResource(dg.ConfigurableResource):
             code_embedding_instruction=self.code_embedding_instruction,
             code_query_instruction=self.code_query_instruction,
             embedding_batch_size=self.batch_size,
+            embedding_service_url=self.service_url or None,
         )
 
 

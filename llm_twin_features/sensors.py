@@ -60,10 +60,18 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
 
         try:
             with EventInbox(event_broker.config()) as inbox:
-                deliveries = inbox.drain(
-                    settings.sensor_max_events, settings.sensor_time_budget_seconds
-                )
+                budget = settings.sensor_time_budget_seconds
+                deliveries = inbox.drain(settings.sensor_max_events, budget)
                 plan = plan_tick(deliveries, cursor, run_exists)
+                if not plan.new_events and not plan.dead_letter:
+                    # Only known events so far: wait (long poll) for a new one, so an event
+                    # published between two ticks does not wait for the next one.
+                    deliveries += inbox.drain(
+                        settings.sensor_max_events - len(deliveries),
+                        budget - (time.monotonic() - started),
+                        wait=settings.sensor_long_poll_seconds,
+                    )
+                    plan = plan_tick(deliveries, cursor, run_exists)
                 for delivery, reason in plan.dead_letter:
                     context.log.warning(f"dead-lettered a poison message: {reason}")
                     inbox.dead_letter(delivery, reason)

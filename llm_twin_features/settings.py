@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
     code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
     embedding_batch_size: int = 64
+    # The model server (`llm-twin-features serve-models`); unset: runs load models themselves.
+    embedding_service_url: str | None = None
 
     # Change events (RabbitMQ). Unset user/password: the broker's default local account.
     rabbitmq_host: str = "127.0.0.1"
@@ -45,9 +47,11 @@ class Settings(BaseSettings):
     rabbitmq_password: SecretStr | None = None
     rabbitmq_vhost: str = "/"
     rabbitmq_queue: str = "warehouse_changes"
-    sensor_interval_seconds: int = 2
+    sensor_interval_seconds: int = 1
     sensor_max_events: int = 500
     sensor_time_budget_seconds: float = 10.0
+    # A tick waits this long for a first event (Dagster's sensor loop runs every 5 s at best).
+    sensor_long_poll_seconds: float = 4.0
 
     @cached_property
     def resolved_data_dir(self) -> Path:

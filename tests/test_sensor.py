@@ -70,7 +70,8 @@ class SensorHarness:
 
 
 @pytest.fixture
-def harness(data_dir, broker):
+def harness(data_dir, broker, monkeypatch):
+    monkeypatch.setenv("SENSOR_LONG_POLL_SECONDS", "0.3")
     assert cli.main(["ingest", "--no-publish", str(SAMPLE_CORPUS)]) == 0
     with dg.instance_for_test() as instance:
         job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)

@@ -156,7 +156,12 @@ class EmbeddingHandler:
     """Prose: the general text model, no instruction."""
 
     def embedder(self, settings: Settings) -> Embedder:
-        return Embedder(settings.embedding_model, None, settings.embedding_batch_size)
+        return Embedder(
+            settings.embedding_model,
+            None,
+            settings.embedding_batch_size,
+            settings.embedding_service_url,
+        )
 
     def query_instruction(self, settings: Settings) -> str | None:
         return None
@@ -184,6 +189,7 @@ class RepositoryEmbeddingHandler(EmbeddingHandler):
             settings.code_embedding_model,
             settings.code_embedding_instruction,
             settings.embedding_batch_size,
+            settings.embedding_service_url,
         )
 
     def query_instruction(self, settings: Settings) -> str | None:

@@ -9,6 +9,7 @@ sentence-transformers.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from llm_twin_features.settings import BUNDLED_MODEL
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+log = logging.getLogger(__name__)
 _models: dict[str, SentenceTransformer] = {}
 _lock = threading.Lock()
 
@@ -34,7 +36,7 @@ def resolve_model_path(model_id: str) -> str:
     return model_id
 
 
-def load_model(model_id: str) -> SentenceTransformer:
+def load_local_model(model_id: str) -> SentenceTransformer:
     """The process-wide instance of `model_id`, loaded on first use."""
     with _lock:
         if model_id not in _models:
@@ -52,6 +54,22 @@ def load_model(model_id: str) -> SentenceTransformer:
         return _models[model_id]
 
 
+def loaded_models() -> list[str]:
+    return sorted(_models)
+
+
+def load_model(model_id: str, service_url: str | None = None):
+    """The model served at `service_url` when it answers, else a local instance."""
+    if service_url:
+        from llm_twin_features.model_server import ModelServiceUnavailable, RemoteModel
+
+        try:
+            return RemoteModel(service_url, model_id)
+        except ModelServiceUnavailable as error:
+            log.warning("%s; loading %s in this process instead", error, model_id)
+    return load_local_model(model_id)
+
+
 @dataclass(frozen=True)
 class Embedder:
     """A model plus the instruction its documents are embedded with (None: plain model)."""
@@ -59,10 +77,12 @@ class Embedder:
     model_id: str
     instruction: str | None = None
     batch_size: int = 64
+    service_url: str | None = None
 
     @cached_property
-    def model(self) -> SentenceTransformer:
-        return load_model(self.model_id)
+    def model(self):
+        """A SentenceTransformer, or a `RemoteModel` with the same interface."""
+        return load_model(self.model_id, self.service_url)
 
     @property
     def signature(self) -> str:

@@ -21,6 +21,7 @@ import pika.exceptions
 from llm_twin_features.events import ChangeEvent
 
 POISON_REASON_HEADER = "x-poison-reason"
+POLL_INTERVAL = 0.05
 
 
 class BrokerUnavailable(RuntimeError):
@@ -157,13 +158,20 @@ class Delivery:
 class EventInbox(_Session):
     """Reads events without acking them; the caller acks what is safely covered."""
 
-    def drain(self, max_events: int, time_budget: float) -> list[Delivery]:
+    def drain(self, max_events: int, time_budget: float, wait: float = 0.0) -> list[Delivery]:
+        """Up to `max_events` messages within `time_budget` seconds; when the queue is empty,
+        waits up to `wait` seconds for a first one (a long poll), then takes what is there."""
         deliveries: list[Delivery] = []
-        deadline = time.monotonic() + time_budget
+        started = time.monotonic()
+        deadline = started + time_budget
+        wait_until = started + min(wait, time_budget)
         while len(deliveries) < max_events and time.monotonic() < deadline:
             method, properties, body = self.channel.basic_get(self.config.queue, auto_ack=False)
             if method is None:
-                break
+                if deliveries or time.monotonic() >= wait_until:
+                    break
+                self.connection.sleep(POLL_INTERVAL)  # keeps the connection serviced
+                continue
             deliveries.append(
                 Delivery(method.delivery_tag, body, method.redelivered, properties.headers or {})
             )

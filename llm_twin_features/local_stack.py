@@ -1,0 +1,161 @@
+"""The laptop stack as child processes: the model server, then either `dagster dev` (UI,
+daemon and code server) or a headless `dagster-daemon` with its own code server.
+
+Used by `llm-twin-features dev` (and so `make run`), by the end-to-end event test and by the
+freshness benchmark. Children run in their own process groups and are stopped with SIGINT
+(`dagster dev` ignores SIGTERM), then killed if they linger.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from llm_twin_features.settings import Settings
+
+REPO_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until(check, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} while starting")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
+
+
+class LocalStack:
+    def __init__(
+        self,
+        settings: Settings,
+        dagster_home: Path,
+        ui_port: int | None = 3000,
+        model_port: int | None = None,
+        log: IO[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dagster_home = dagster_home
+        self.ui_port = ui_port
+        self.model_port = model_port or 8765
+        self.log = log
+        self.processes: list[subprocess.Popen] = []
+        self.env = {**os.environ, "DAGSTER_HOME": str(dagster_home), **(extra_env or {})}
+        self.env["LLM_TWIN_DATA_DIR"] = str(settings.resolved_data_dir)
+
+    def _start(self, *command: str | Path) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [str(c) for c in command],
+            env=self.env,
+            cwd=REPO_WORKSPACE.parent,
+            stdout=self.log,
+            stderr=subprocess.STDOUT if self.log else None,
+            start_new_session=True,  # Ctrl-C in the terminal reaches us; we stop the children
+        )
+        self.processes.append(process)
+        return process
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self._start_model_server()
+            if self.ui_port is None:
+                self._start_daemon()
+            else:
+                self._start(
+                    BIN / "dagster",
+                    "dev",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.ui_port),
+                    "-w",
+                    REPO_WORKSPACE,
+                )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _start_model_server(self) -> None:
+        if self.settings.embedding_service_url:  # an external one is configured: use it
+            return
+        url = f"http://127.0.0.1:{self.model_port}"
+        process = self._start(
+            BIN / "llm-twin-features", "serve-models", "--port", str(self.model_port)
+        )
+        _wait_until(
+            lambda: urllib.request.urlopen(url + "/health", timeout=1).status == 200,
+            timeout=180,
+            what="model server",
+            process=process,
+        )
+        self.env["EMBEDDING_SERVICE_URL"] = url
+
+    def _start_daemon(self) -> None:
+        grpc_port = free_port()
+        code_server = self._start(
+            BIN / "dagster",
+            "api",
+            "grpc",
+            "-m",
+            "llm_twin_features.definitions",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(grpc_port),
+        )
+
+        def listening() -> bool:
+            with socket.create_connection(("127.0.0.1", grpc_port), timeout=1):
+                return True
+
+        _wait_until(listening, timeout=120, what="code server", process=code_server)
+        workspace = self.dagster_home / "workspace.yaml"
+        workspace.write_text(
+            "load_from:\n  - grpc_server:\n      host: 127.0.0.1\n"
+            f"      port: {grpc_port}\n      location_name: llm_twin_features\n"
+        )
+        self._start(BIN / "dagster-daemon", "run", "-w", workspace)
+
+    def wait(self) -> int:
+        """Blocks until the Dagster process exits or Ctrl-C; returns its exit code."""
+        try:
+            return self.processes[-1].wait()
+        except KeyboardInterrupt:
+            return 0
+
+    def stop(self, timeout: float = 30) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        for process in reversed(self.processes):
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
