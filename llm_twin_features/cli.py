@@ -203,8 +203,7 @@ def prepare_dagster_home(settings: Settings) -> Path:
     target = home / "dagster.yaml"
     if not target.exists() and REPO_DAGSTER_YAML.exists():
         shutil.copyfile(REPO_DAGSTER_YAML, target)
-    os.environ["DAGSTER_HOME"] = str(home.resolve())
-    return home
+    return home.resolve()
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
@@ -216,7 +215,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
     data_types = [args.type] if args.type else list(DATA_TYPES)
     failed = []
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.from_config(str(home)) as instance:
         print(f"backfill of {', '.join(data_types)} through the Dagster instance at {home}")
         for number, data_type in enumerate(data_types, start=1):
             print(
