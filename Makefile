@@ -9,7 +9,6 @@ CLI := $(BIN)/llm-twin-features
 
 export LLM_TWIN_DATA_DIR ?= $(CURDIR)/.data
 export DAGSTER_HOME ?= $(LLM_TWIN_DATA_DIR)/dagster_home
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install run test lint bench ui clean
@@ -33,18 +32,18 @@ run: install $(DAGSTER_HOME)/dagster.yaml
 	$(CLI) backfill
 	$(CLI) status
 	$(CLI) search "how do I keep a vector database in sync with MongoDB?" --limit 3
-	@echo "Dagster UI on http://127.0.0.1:3000 (Ctrl-C to stop)"
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	$(CLI) dev --port 3000
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	$(CLI) dev --port 3000
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The venv's tools (hadolint, compose) first on PATH: the deployment tests call them.
 test: install lint
-	$(BIN)/pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -12,11 +12,11 @@ dev`; docker compose runs it as the `models` service. JSON over HTTP, standard l
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import threading
-import urllib.error
-import urllib.request
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -33,6 +33,7 @@ class ModelServiceUnavailable(RuntimeError):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a run makes many small tokenize calls
     encode_lock = threading.Lock()  # one encode at a time: torch already uses every core
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -62,7 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
             model = load_local_model(request["model"])
             if self.path == "/tokenize":
                 encoded = model.tokenizer(
-                    request["text"],
+                    request["texts"],
                     add_special_tokens=request.get("add_special_tokens", True),
                     return_offsets_mapping=True,
                     verbose=False,
@@ -70,8 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(
                     200,
                     {
-                        "input_ids": list(encoded["input_ids"]),
-                        "offset_mapping": [list(o) for o in encoded["offset_mapping"]],
+                        "input_ids": [list(ids) for ids in encoded["input_ids"]],
+                        "offset_mapping": [
+                            [list(span) for span in spans] for spans in encoded["offset_mapping"]
+                        ],
                     },
                 )
             elif self.path == "/info":
@@ -116,13 +119,16 @@ def serve(host: str, port: int, preload: list[str]) -> ThreadingHTTPServer:
 
 
 class _RemoteTokenizer:
+    """Takes a text or a list of texts, like a Hugging Face tokenizer; one request per call."""
+
     def __init__(self, model: RemoteModel) -> None:
         self._model = model
 
-    def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict:
-        return self._model.call(
-            "/tokenize", {"text": text, "add_special_tokens": add_special_tokens}
-        )
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = True, **_: Any) -> dict:
+        single = isinstance(texts, str)
+        body = {"texts": [texts] if single else texts, "add_special_tokens": add_special_tokens}
+        reply = self._model.call("/tokenize", body)
+        return {key: value[0] for key, value in reply.items()} if single else reply
 
 
 class RemoteModel:
@@ -132,27 +138,38 @@ class RemoteModel:
         self.url = url.rstrip("/")
         self.model_id = model_id
         self.timeout = timeout
+        self._address = urllib.parse.urlsplit(self.url)
+        self._connection: http.client.HTTPConnection | None = None
         self.tokenizer = _RemoteTokenizer(self)
         info = self.call("/info", {}, timeout=5.0)
         self.max_seq_length = info["max_seq_length"]
         self._dimension = info["dimension"]
 
     def call(self, path: str, body: dict, timeout: float | None = None) -> dict:
-        request = urllib.request.Request(
-            self.url + path,
-            data=json.dumps({"model": self.model_id, **body}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")
-            raise ModelServiceUnavailable(f"model server {self.url}{path}: {detail}") from error
-        except (OSError, urllib.error.URLError) as error:
-            raise ModelServiceUnavailable(
-                f"model server {self.url} unreachable: {error}"
-            ) from error
+        """One JSON request on a kept-alive connection (reopened once if it went stale)."""
+        payload = json.dumps({"model": self.model_id, **body}).encode()
+        for attempt in (1, 2):
+            try:
+                if self._connection is None:
+                    host, port = self._address.hostname, self._address.port or 80
+                    self._connection = http.client.HTTPConnection(host, port)
+                self._connection.timeout = timeout or self.timeout
+                self._connection.request(
+                    "POST", path, payload, {"Content-Type": "application/json"}
+                )
+                response = self._connection.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as error:
+                self._connection = None
+                if attempt == 2 or isinstance(error, ConnectionRefusedError | TimeoutError):
+                    message = f"model server {self.url} unreachable: {error}"
+                    raise ModelServiceUnavailable(message) from error
+                continue
+            if response.status != 200:
+                detail = data.decode(errors="replace")
+                raise ModelServiceUnavailable(f"model server {self.url}{path}: {detail}")
+            return json.loads(data)
+        raise AssertionError("not reached")
 
     def get_embedding_dimension(self) -> int:
         return self._dimension

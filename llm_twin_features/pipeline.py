@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -409,26 +410,31 @@ def embed_chunks(
     report.vectors_reused += len(points)
     store.upsert(collection, points)
 
-    # Longest first, so each encode call pads texts of similar length.
+    # Longest first, so each encode call pads texts of similar length. Each slice is written
+    # while the next one is encoded (the model releases the GIL while it computes).
     to_embed.sort(key=lambda item: -len(item[0].chunks[item[1]].chunk_content))
     embed_started = time.perf_counter()
-    for start in range(0, len(to_embed), EMBED_SLICE):
-        batch = to_embed[start : start + EMBED_SLICE]
-        vectors = embedder.embed([d.chunks[i].chunk_content for d, i in batch])
-        store.upsert(
-            collection,
-            [
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert") as writer:
+        written: Future | None = None
+        for start in range(0, len(to_embed), EMBED_SLICE):
+            batch = to_embed[start : start + EMBED_SLICE]
+            vectors = embedder.embed([d.chunks[i].chunk_content for d, i in batch])
+            points = [
                 qm.PointStruct(
                     id=chunk_point_id(data_type, d.entry_id, i),
                     vector=vector,
                     payload=_chunk_payload(d, i, model_id),
                 )
                 for (d, i), vector in zip(batch, vectors, strict=True)
-            ],
-        )
-        done = start + len(batch)
-        rate = done / (time.perf_counter() - embed_started)
-        progress(f"embedded {data_type}: {done}/{len(to_embed)} chunks ({rate:.1f} chunks/s)")
+            ]
+            if written is not None:
+                written.result()  # one slice in flight at most; surfaces a failed write
+            written = writer.submit(store.upsert, collection, points)
+            done = start + len(batch)
+            rate = done / (time.perf_counter() - embed_started)
+            progress(f"embedded {data_type}: {done}/{len(to_embed)} chunks ({rate:.1f} chunks/s)")
+        if written is not None:
+            written.result()
     report.vectors_embedded = len(to_embed)
 
     store.delete_points(collection, gone)

@@ -61,7 +61,8 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
         try:
             with EventInbox(event_broker.config()) as inbox:
                 budget = settings.sensor_time_budget_seconds
-                deliveries = inbox.drain(settings.sensor_max_events, budget)
+                settle = settings.sensor_settle_seconds
+                deliveries = inbox.drain(settings.sensor_max_events, budget, settle=settle)
                 plan = plan_tick(deliveries, cursor, run_exists)
                 if not plan.new_events and not plan.dead_letter:
                     # Only known events so far: wait (long poll) for a new one, so an event
@@ -70,6 +71,7 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
                         settings.sensor_max_events - len(deliveries),
                         budget - (time.monotonic() - started),
                         wait=settings.sensor_long_poll_seconds,
+                        settle=settle,
                     )
                     plan = plan_tick(deliveries, cursor, run_exists)
                 for delivery, reason in plan.dead_letter:

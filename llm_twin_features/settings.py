@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     sensor_time_budget_seconds: float = 10.0
     # A tick waits this long for a first event (Dagster's sensor loop runs every 5 s at best).
     sensor_long_poll_seconds: float = 4.0
+    # Once events flow, a tick keeps reading until none came for this long (bursts batch up).
+    sensor_settle_seconds: float = 0.3
 
     @cached_property
     def resolved_data_dir(self) -> Path:

@@ -78,12 +78,15 @@ def test_token_windows_keep_original_case_and_punctuation(window: TokenWindow):
 
 def test_overlap_larger_than_window_still_progresses():
     class Words:
-        def __call__(self, text, **_):
-            offsets, start = [], 0
-            for word in text.split(" "):
-                offsets.append((start, start + len(word)))
-                start += len(word) + 1
-            return {"offset_mapping": offsets}
+        def __call__(self, texts, **_):
+            spans = []
+            for text in texts:
+                offsets, start = [], 0
+                for word in text.split(" "):
+                    offsets.append((start, start + len(word)))
+                    start += len(word) + 1
+                spans.append(offsets)
+            return {"offset_mapping": spans}
 
     window = TokenWindow(tokenizer=Words(), tokens_per_chunk=3)
     assert split_on_tokens("a b c d e", window, overlap=10) == ["a b c", "b c d", "c d e"]

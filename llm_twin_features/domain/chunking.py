@@ -43,12 +43,16 @@ def signature(config: ChunkingConfig, embedder_signature: str) -> str:
     return content_hash({"config": config.model_dump(), "embedder": embedder_signature})[:16]
 
 
-def split_on_tokens(text: str, window: TokenWindow, overlap: int) -> list[str]:
-    """Overlapping windows of at most `tokens_per_chunk` tokens, as slices of `text`."""
-    offsets = window.tokenizer(  # type: ignore[operator]
-        text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+def token_offsets(texts: list[str], window: TokenWindow) -> list[list[tuple[int, int]]]:
+    """The character span of every token of every text, in one tokenizer call."""
+    if not texts:
+        return []
+    return window.tokenizer(  # type: ignore[operator]
+        texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False
     )["offset_mapping"]
-    size = window.tokens_per_chunk
+
+
+def _windows(text: str, offsets: list, size: int, overlap: int) -> list[str]:
     if len(offsets) <= size:
         return [text] if text.strip() else []
     step = max(size - min(overlap, size - 1), 1)
@@ -61,14 +65,21 @@ def split_on_tokens(text: str, window: TokenWindow, overlap: int) -> list[str]:
     return pieces
 
 
+def split_on_tokens(text: str, window: TokenWindow, overlap: int) -> list[str]:
+    """Overlapping windows of at most `tokens_per_chunk` tokens, as slices of `text`."""
+    (offsets,) = token_offsets([text], window)
+    return _windows(text, offsets, window.tokens_per_chunk, overlap)
+
+
 def chunk_text(text: str, config: ChunkingConfig, window: TokenWindow) -> list[str]:
     splitter = RecursiveCharacterTextSplitter(
         separators=config.separators,
         chunk_size=config.chunk_size,
         chunk_overlap=config.chunk_overlap,
     )
+    sections = [s.strip() for s in splitter.split_text(text) if s.strip()]
     return [
         piece
-        for section in splitter.split_text(text)
-        for piece in split_on_tokens(section.strip(), window, config.token_overlap)
+        for section, offsets in zip(sections, token_offsets(sections, window), strict=True)
+        for piece in _windows(section, offsets, window.tokens_per_chunk, config.token_overlap)
     ]

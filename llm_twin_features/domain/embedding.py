@@ -41,12 +41,11 @@ def load_local_model(model_id: str) -> SentenceTransformer:
     with _lock:
         if model_id not in _models:
             path = resolve_model_path(model_id)
-            if os.path.isdir(path):
-                # A local directory needs no hub; never let a missing file trigger a download.
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(path, device="cpu")
+            # A local directory needs no hub: a missing file must not trigger a download.
+            # The device is sentence-transformers' choice: CUDA when there is one.
+            model = SentenceTransformer(path, local_files_only=os.path.isdir(path))
             # Instruction tokens never count in the pooled vector (INSTRUCTOR behaviour);
             # encoding without a prompt is unaffected.
             model.set_pooling_include_prompt(False)

@@ -158,23 +158,27 @@ class Delivery:
 class EventInbox(_Session):
     """Reads events without acking them; the caller acks what is safely covered."""
 
-    def drain(self, max_events: int, time_budget: float, wait: float = 0.0) -> list[Delivery]:
-        """Up to `max_events` messages within `time_budget` seconds; when the queue is empty,
-        waits up to `wait` seconds for a first one (a long poll), then takes what is there."""
+    def drain(
+        self, max_events: int, time_budget: float, wait: float = 0.0, settle: float = 0.0
+    ) -> list[Delivery]:
+        """Up to `max_events` messages within `time_budget` seconds. An empty queue is waited
+        on for up to `wait` seconds (a long poll); once messages flow, reading goes on until
+        none has come for `settle` seconds, so a burst lands in one batch."""
         deliveries: list[Delivery] = []
         started = time.monotonic()
         deadline = started + time_budget
-        wait_until = started + min(wait, time_budget)
+        quiet_until = started + min(wait, time_budget)
         while len(deliveries) < max_events and time.monotonic() < deadline:
             method, properties, body = self.channel.basic_get(self.config.queue, auto_ack=False)
             if method is None:
-                if deliveries or time.monotonic() >= wait_until:
+                if time.monotonic() >= quiet_until:
                     break
                 self.connection.sleep(POLL_INTERVAL)  # keeps the connection serviced
                 continue
             deliveries.append(
                 Delivery(method.delivery_tag, body, method.redelivered, properties.headers or {})
             )
+            quiet_until = time.monotonic() + settle
         return deliveries
 
     def ack(self, delivery_tags: Iterable[int]) -> None:

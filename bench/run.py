@@ -1,0 +1,281 @@
+"""`make bench`: the figures of BENCHMARKS.md, on embedded defaults, in one run.
+
+1. Backfill: a generated corpus (>= 2,000 chunks) through `llm-twin-features backfill` (a
+   Dagster run per data type, in a child process so its peak memory can be read), against
+   bare `model.encode` of the very same chunk texts; then a warm re-backfill.
+2. Freshness: the laptop stack (`dagster dev` + model server, as `make run` starts it);
+   single events, publish -> the run covering it has finished (its vectors are in Qdrant);
+   then a burst of 500 insert events, publish -> every document embedded.
+
+Results go to bench/.work/results.json and are printed as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / ".work"
+sys.path.insert(0, str(ROOT))
+
+from bench.generate_corpus import generate  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CLI = str(BIN / "llm-twin-features")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def write_jsonl(path: Path, documents: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_durations(home: Path, trigger: str) -> list[tuple[float, float, dict]]:
+    """(start, end, tags) of successful runs with the given trigger tag."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(
+                statuses=[dg.DagsterRunStatus.SUCCESS], tags={"llm_twin/trigger": trigger}
+            )
+        )
+        return [(r.start_time, r.end_time, dict(r.dagster_run.tags)) for r in records]
+
+
+# --- backfill --------------------------------------------------------------------------------
+
+
+def bench_backfill(env: dict, home: Path, corpus: Path) -> dict:
+    subprocess.run([CLI, "ingest", "--no-publish", str(corpus)], env=env, check=True)
+    log("cold backfill (all partitions)")
+    started = time.perf_counter()
+    subprocess.run([CLI, "backfill"], env=env, check=True, stdout=subprocess.DEVNULL)
+    cold_wall = time.perf_counter() - started
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    cold_runs = run_durations(home, "cli-backfill")
+    cold_run_seconds = sum(end - start for start, end, _ in cold_runs)
+
+    from llm_twin_features.settings import Settings
+    from llm_twin_features.stores.warehouse import open_warehouse
+
+    settings = Settings(data_dir=Path(env["LLM_TWIN_DATA_DIR"]))
+    warehouse = open_warehouse(None, "twin", "twin_features", settings.resolved_data_dir)
+    texts = {
+        t: [c["chunk_content"] for d in warehouse.chunk_state(t).find() for c in d["chunks"]]
+        for t in ("posts", "articles", "repositories")
+    }
+    warehouse.close()
+    chunks = sum(len(v) for v in texts.values())
+
+    log(f"bare model.encode of the same {chunks} chunks")
+    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+
+    bare_seconds = 0.0
+    for data_type, chunk_texts in texts.items():
+        embedder = EmbeddingDispatcher.embedder(data_type, settings)
+        model = embedder.model
+        model.encode(["warm-up"], show_progress_bar=False)
+        started = time.perf_counter()
+        model.encode(
+            chunk_texts,
+            prompt=embedder.instruction,
+            batch_size=64,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        bare_seconds += time.perf_counter() - started
+
+    log("warm re-backfill")
+    cold_finished = max(end for _, end, _ in cold_runs)
+    started = time.perf_counter()
+    output = subprocess.run(
+        [CLI, "backfill"], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    warm_wall = time.perf_counter() - started
+    warm_runs = [r for r in run_durations(home, "cli-backfill") if r[0] > cold_finished]
+    warm_run_seconds = sum(end - start for start, end, _ in warm_runs)
+    reembedded = sum(int(n) for n in re.findall(r"(\d+) embedded,", output))
+    return {
+        "chunks": chunks,
+        "cold_run_seconds": cold_run_seconds,
+        "cold_wall_seconds": cold_wall,
+        "cold_chunks_per_second": chunks / cold_run_seconds,
+        "bare_encode_seconds": bare_seconds,
+        "bare_chunks_per_second": chunks / bare_seconds,
+        "ratio": (chunks / cold_run_seconds) / (chunks / bare_seconds),
+        "warm_run_seconds": warm_run_seconds,
+        "warm_wall_seconds": warm_wall,
+        "warm_share_of_cold": warm_run_seconds / cold_run_seconds,
+        "warm_reembedded": reembedded,
+        "backfill_peak_rss_mb": peak_rss_mb,
+    }
+
+
+# --- freshness -------------------------------------------------------------------------------
+
+
+def covered_at(instance, entry_ids: set[str], after: float, timeout: float) -> dict[str, float]:
+    """End time of the first successful event run created after `after` that covers each id."""
+    import dagster as dg
+
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(
+                statuses=[dg.DagsterRunStatus.SUCCESS],
+                tags={"llm_twin/trigger": "events"},
+                created_after=datetime.fromtimestamp(after - 1, tz=UTC),
+            )
+        )
+        for record in records:
+            ops = record.dagster_run.run_config.get("ops", {})
+            for entry_id in (
+                ops.get("embedded_chunks", {}).get("config", {}).get("document_ids", [])
+            ):
+                if entry_id in entry_ids:
+                    found[entry_id] = min(found.get(entry_id, record.end_time), record.end_time)
+        if len(found) == len(entry_ids):
+            return found
+        time.sleep(0.1)
+    raise TimeoutError(f"{len(entry_ids) - len(found)} documents not covered within {timeout} s")
+
+
+def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
+    import dagster as dg
+
+    from llm_twin_features.events import ChangeEvent
+    from llm_twin_features.local_stack import LocalStack, free_port
+    from llm_twin_features.settings import Settings
+    from llm_twin_features.stores.queue import EventPublisher
+    from llm_twin_features.stores.warehouse import open_warehouse
+
+    os.environ.update(env)
+    settings = Settings()
+    broker = settings.broker_config()
+    warehouse = open_warehouse(None, "twin", "twin_features", settings.resolved_data_dir)
+    posts = warehouse.documents("posts")
+    ids = sorted(posts.ids())
+    with (
+        open(WORK / "stack.log", "w") as stack_log,
+        LocalStack(settings, home, ui_port=free_port(), model_port=free_port(), log=stack_log),
+        dg.DagsterInstance.from_config(str(home)) as instance,
+    ):
+        time.sleep(15)  # let dagster dev load the code location and start the sensor
+        log(f"{singles} single events")
+        latencies = []
+        for number in range(singles):
+            entry_id = ids[number % len(ids)]
+            document = posts.get(entry_id)
+            document["content"]["text"] += f"\n\nEdit {uuid.uuid4().hex}."
+            posts.replace_many([document])
+            published = time.time()
+            with EventPublisher(broker) as publisher:
+                publisher.publish([ChangeEvent(type="posts", entry_id=entry_id, op="update")])
+            latencies.append(covered_at(instance, {entry_id}, published, 120)[entry_id] - published)
+            log(f"event {number + 1}: searchable after {latencies[-1]:.2f} s")
+            time.sleep(1 + number % 4)  # events land at every phase of the sensor loop
+
+        # The burst has the backfill corpus' mix of types (half posts, 40% articles, 10% code).
+        documents = generate(burst // 2, burst * 2 // 5, burst // 10, seed=99)
+        log(f"burst of {len(documents)} insert events")
+        for data_type in ("posts", "articles", "repositories"):
+            batch = [
+                {k: v for k, v in d.items() if k != "type"}
+                for d in documents
+                if d["type"] == data_type
+            ]
+            warehouse.documents(data_type).replace_many(batch)
+        published = time.time()
+        with EventPublisher(broker) as publisher:
+            publisher.publish(
+                ChangeEvent(type=d["type"], entry_id=d["_id"], op="insert") for d in documents
+            )
+        ends = covered_at(instance, {d["_id"] for d in documents}, published, timeout=900)
+        burst_seconds = max(ends.values()) - published
+    burst_chunks = sum(
+        len(warehouse.chunk_state(d["type"]).get(d["_id"])["chunks"]) for d in documents
+    )
+    warehouse.close()
+    return {
+        "single_events": singles,
+        "freshness_p50_seconds": percentile(latencies, 0.5),
+        "freshness_p95_seconds": percentile(latencies, 0.95),
+        "freshness_max_seconds": max(latencies),
+        "burst_events": len(documents),
+        "burst_chunks": burst_chunks,
+        "burst_seconds": burst_seconds,
+        "burst_chunks_per_second": burst_chunks / burst_seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--singles", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=500)
+    parser.add_argument("--skip-freshness", action="store_true")
+    args = parser.parse_args()
+
+    import shutil
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    home = WORK / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    env = {
+        **os.environ,
+        "LLM_TWIN_DATA_DIR": str(WORK / "data"),
+        "DAGSTER_HOME": str(home),
+        "RABBITMQ_QUEUE": f"bench_{uuid.uuid4().hex[:8]}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("EMBEDDING_SERVICE_URL", None)
+    corpus = write_jsonl(WORK / "corpus.jsonl", generate(150, 120, 30, seed=7))
+
+    results = {"backfill": bench_backfill(env, home, corpus)}
+    log(json.dumps(results["backfill"], indent=1))
+    if not args.skip_freshness:
+        results["events"] = bench_freshness(env, home, args.singles, args.burst)
+        results["events"]["burst_share_of_backfill"] = (
+            results["events"]["burst_chunks_per_second"]
+            / results["backfill"]["cold_chunks_per_second"]
+        )
+        log(json.dumps(results["events"], indent=1))
+    (WORK / "results.json").write_text(json.dumps(results, indent=2))
+    _cleanup_queue(env["RABBITMQ_QUEUE"])
+    print(json.dumps(results, indent=2))
+
+
+def _cleanup_queue(queue: str) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    channel = connection.channel()
+    for name in (queue, f"{queue}.dead-letter"):
+        channel.queue_delete(name)
+    channel.exchange_delete(f"{queue}.dlx")
+    connection.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The command line on the embedded stores: ingest errors, publishing failures, backfill
+progress and the Dagster instance it records runs in."""
+
+import json
+import os
+import subprocess
+import sys
+
+import dagster as dg
+
+from llm_twin_features import cli
+from llm_twin_features.stores.queue import EventInbox
+
+from .conftest import SAMPLE_CORPUS
+
+
+def test_ingest_reports_bad_lines_and_keeps_the_good_ones(data_dir, tmp_path, capsys):
+    source = tmp_path / "crawl.jsonl"
+    source.write_text(
+        "\n".join(
+            [
+                json.dumps(
+                    {
+                        "type": "posts",
+                        "_id": "p1",
+                        "platform": "x",
+                        "content": {"text": "hi"},
+                        "author_id": "a",
+                    }
+                ),
+                "{not json",
+                json.dumps({"type": "users", "_id": "u1", "first_name": "Ada"}),
+                "",
+                json.dumps(
+                    {
+                        "type": "articles",
+                        "platform": "medium",
+                        "link": "l",
+                        "content": {"Content": "body"},
+                        "author_id": "a",
+                    }
+                ),
+                "[1, 2]",
+            ]
+        )
+    )
+    assert cli.main(["ingest", "--no-publish", str(source)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{source}:2: invalid JSON" in err
+    assert f"{source}:3: unknown type 'users'" in err
+    assert f"{source}:6: a line must be a JSON object" in err
+    assert "ingested 2 documents (posts: 1, articles: 1, repositories: 0); 3 bad lines" in out
+
+    from llm_twin_features.cli import _warehouse
+    from llm_twin_features.settings import Settings
+
+    with _warehouse(Settings()) as warehouse:
+        assert warehouse.documents("posts").ids() == {"p1"}
+        (article,) = warehouse.documents("articles").find()
+    assert len(article["_id"]) == 36  # an id is given when the line has none
+
+
+def test_ingest_publishes_one_event_per_document(data_dir, broker, capsys):
+    assert cli.main(["ingest", str(SAMPLE_CORPUS)]) == 0
+    assert "published 67 change events" in capsys.readouterr().out
+    with EventInbox(broker) as inbox:
+        events = [json.loads(d.body) for d in inbox.drain(100, 5)]
+    assert len(events) == 67 and {e["op"] for e in events} == {"insert"}
+    assert {e["type"] for e in events} == {"posts", "articles", "repositories"}
+
+    assert cli.main(["ingest", str(SAMPLE_CORPUS)]) == 0  # the same documents again
+    with EventInbox(broker) as inbox:
+        again = [json.loads(d.body) for d in inbox.drain(200, 5)]
+    assert {e["op"] for e in again[67:]} == {"replace"}
+
+
+def test_unreachable_broker_keeps_the_write_and_says_how_to_replay(data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("RABBITMQ_PORT", "1")
+    assert cli.main(["ingest", str(SAMPLE_CORPUS)]) == 1
+    captured = capsys.readouterr()
+    assert "ingested 67 documents" in captured.out
+    assert "RabbitMQ at amqp://127.0.0.1:1 unreachable" in captured.err
+    assert "67 change events were NOT published; the warehouse write stands" in captured.err
+    assert "llm-twin-features backfill" in captured.err
+
+    assert cli.main(["delete", "nope", "--type", "posts"]) == 1
+    assert "not in the warehouse: nope" in capsys.readouterr().err
+
+
+def test_backfill_shows_progress_and_records_runs_in_dagster_home(data_dir, tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "LLM_TWIN_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(home)}
+    command = [sys.executable, "-m", "llm_twin_features.cli"]
+    subprocess.run(
+        [*command, "ingest", "--no-publish", str(SAMPLE_CORPUS)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        [*command, "backfill", "--type", "repositories"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[1/1] repositories: running feature_pipeline_job" in result.stdout
+    assert "[1/1] repositories: done in" in result.stdout
+    assert "13 documents, 1 quarantined" in result.stdout
+    assert "embedded repositories:" in result.stderr  # the stage's progress lines
+    assert (home / "dagster.yaml").exists()  # the laptop instance config was put in place
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        (run,) = instance.get_runs()
+        assert run.tags["dagster/partition"] == "repositories"
+        assert run.tags["llm_twin/trigger"] == "cli-backfill"
+
+
+def test_asset_materialize_from_the_dagster_cli(data_dir, tmp_path):
+    """The Dagster CLI's own backfill path works on the code location as well."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_twin_features.cli",
+            "ingest",
+            "--no-publish",
+            str(SAMPLE_CORPUS),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        [
+            f"{sys.prefix}/bin/dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "llm_twin_features.definitions",
+            "--select",
+            "raw_documents,cleaned_documents,chunked_documents,embedded_chunks",
+            "--partition",
+            "repositories",
+        ],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"},  # a temporary instance
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RUN_SUCCESS" in result.stderr

@@ -1,0 +1,54 @@
+"""The model server and its client: same tokens and vectors as the in-process model."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from llm_twin_features.domain.chunking import ChunkingConfig, TokenWindow, chunk_text
+from llm_twin_features.domain.embedding import Embedder, load_local_model, load_model
+from llm_twin_features.local_stack import free_port
+from llm_twin_features.model_server import ModelServiceUnavailable, RemoteModel, serve
+from llm_twin_features.settings import BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION
+
+TEXTS = ["Qdrant stores the vectors.", "MongoDB keeps the raw documents; RabbitMQ the events."]
+
+
+@pytest.fixture(scope="module")
+def url():
+    port = free_port()
+    server = serve("127.0.0.1", port, preload=[BUNDLED_MODEL])
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+
+
+def test_remote_vectors_equal_local_ones(url):
+    remote = Embedder(BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION, service_url=url)
+    local = Embedder(BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION)
+    assert isinstance(remote.model, RemoteModel)
+    assert np.allclose(remote.embed(TEXTS), local.embed(TEXTS), atol=1e-6)
+    assert (remote.dimension, remote.max_text_tokens) == (local.dimension, local.max_text_tokens)
+    assert remote.signature == local.signature  # where a vector came from does not matter
+
+
+def test_remote_tokenizer_gives_the_same_chunks(url):
+    remote = RemoteModel(url, BUNDLED_MODEL)
+    local = load_local_model(BUNDLED_MODEL)
+    text = "Token windows slice the original text. " * 120
+    windows = [
+        TokenWindow(tokenizer=model.tokenizer, tokens_per_chunk=64) for model in (remote, local)
+    ]
+    config = ChunkingConfig(chunk_size=2000)
+    assert chunk_text(text, config, windows[0]) == chunk_text(text, config, windows[1])
+
+
+def test_errors_are_reported_not_swallowed(url):
+    with pytest.raises(ModelServiceUnavailable, match="model server .*/info: .*Error"):
+        RemoteModel(url, "/no/such/model/directory")
+
+
+def test_unreachable_server_falls_back_to_a_local_model(caplog):
+    with caplog.at_level(logging.WARNING):
+        model = load_model(BUNDLED_MODEL, f"http://127.0.0.1:{free_port()}")
+    assert model is load_local_model(BUNDLED_MODEL)
+    assert "unreachable" in caplog.text and "loading bundled:all-MiniLM-L6-v2 in this process" in caplog.text
