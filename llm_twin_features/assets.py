@@ -14,6 +14,9 @@ from llm_twin_features.partitions import data_type_partitions
 from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
 
 GROUP = "feature_pipeline"
+# A store that is briefly unreachable (or a Qdrant local folder held too long) fails the step
+# with a clear message; the step is retried, and stages are idempotent, so a retry converges.
+STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL)
 FEATURE_STORE_POOL = "feature_store"
 IN_SYNC_CHECK = "in_sync_with_warehouse"
 
@@ -64,6 +67,7 @@ def _metadata(report: pipeline.StageReport, scope: list[str] | None) -> dict:
     deps=[warehouse_documents],
     partitions_def=data_type_partitions,
     group_name=GROUP,
+    retry_policy=STORE_RETRY,
     kinds={"mongodb"},
     description="Warehouse documents validated against their type's model and snapshotted in "
     "the `twin_features` database; invalid ones are quarantined with a reason.",
@@ -73,7 +77,11 @@ def raw_documents(
 ) -> dg.MaterializeResult:
     with warehouse.open() as store:
         report = pipeline.ingest_raw(
-            store, context.partition_key, config.document_ids, context.log.info
+            store,
+            context.partition_key,
+            config.document_ids,
+            context.log.info,
+            max_chars=warehouse.max_document_chars,
         )
     return dg.MaterializeResult(metadata=_metadata(report, config.document_ids))
 
@@ -82,6 +90,7 @@ def raw_documents(
     deps=[raw_documents],
     partitions_def=data_type_partitions,
     group_name=GROUP,
+    retry_policy=STORE_RETRY,
     kinds={"qdrant"},
     pool=FEATURE_STORE_POOL,
     description="Cleaned documents in Qdrant `cleaned_{type}` (no vectors): the snapshot that "
@@ -104,6 +113,7 @@ def cleaned_documents(
     deps=[cleaned_documents],
     partitions_def=data_type_partitions,
     group_name=GROUP,
+    retry_policy=STORE_RETRY,
     kinds={"mongodb"},
     pool=FEATURE_STORE_POOL,
     description="Cleaned documents split into chunks that fit the embedding model's token "
@@ -136,6 +146,7 @@ def _check_result(report: AuditReport) -> dg.AssetCheckResult:
     deps=[chunked_documents],
     partitions_def=data_type_partitions,
     group_name=GROUP,
+    retry_policy=STORE_RETRY,
     kinds={"qdrant", "pytorch"},
     pool=FEATURE_STORE_POOL,
     description="Embedded chunks in Qdrant `vector_{type}` (cosine), the snapshot RAG "
@@ -161,10 +172,17 @@ def embedded_chunks(
         report = pipeline.embed_chunks(
             state, store, context.partition_key, embedder, config.document_ids, context.log.info
         )
-        check = _check_result(audit(state, store, context.partition_key, embedder))
+        drift = audit(state, store, context.partition_key, embedder, warehouse.max_document_chars)
+        check = _check_result(drift)
     return dg.MaterializeResult(
         metadata=_metadata(report, config.document_ids), check_results=[check]
     )
 
 
 feature_assets = [raw_documents, cleaned_documents, chunked_documents, embedded_chunks]
+
+
+def scoped_run_config(document_ids: list[str]) -> dg.RunConfig:
+    """Run config that scopes every stage to the given documents."""
+    scope = ScopeConfig(document_ids=document_ids)
+    return dg.RunConfig(ops={asset.key.path[-1]: scope for asset in feature_assets})

@@ -3,14 +3,14 @@ of `llm-twin-features status`."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from pydantic import ValidationError
 
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import PIPELINE_VERSION
-from llm_twin_features.pipeline import validate
+from llm_twin_features.pipeline import DEFAULT_MAX_DOCUMENT_CHARS, admit
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
     cleaned_collection,
@@ -32,22 +32,24 @@ class AuditReport:
     missing: list[str] = field(default_factory=list)  # valid, but no cleaned point
     stale: list[str] = field(default_factory=list)  # cleaned/vectors from older content
     without_vectors: list[str] = field(default_factory=list)
+    chunks_without_vectors: list[str] = field(default_factory=list)  # some chunks lack one
     orphans: list[str] = field(default_factory=list)  # points of no valid warehouse document
     wrong_model: list[str] = field(default_factory=list)  # vectors built by another model
 
+    def drift_kinds(self) -> dict[str, list[str]]:
+        """Every kind of drift, empty or not."""
+        return {
+            "missing": self.missing,
+            "stale": self.stale,
+            "without_vectors": self.without_vectors,
+            "chunks_without_vectors": self.chunks_without_vectors,
+            "orphans": self.orphans,
+            "wrong_model": self.wrong_model,
+        }
+
     @property
     def drift(self) -> dict[str, list[str]]:
-        return {
-            name: ids
-            for name, ids in (
-                ("missing", self.missing),
-                ("stale", self.stale),
-                ("without_vectors", self.without_vectors),
-                ("orphans", self.orphans),
-                ("wrong_model", self.wrong_model),
-            )
-            if ids
-        }
+        return {name: ids for name, ids in self.drift_kinds().items() if ids}
 
     @property
     def in_sync(self) -> bool:
@@ -68,14 +70,18 @@ class AuditReport:
 
 
 def audit(
-    warehouse: Warehouse, store: FeatureStore, data_type: str, embedder: Embedder
+    warehouse: Warehouse,
+    store: FeatureStore,
+    data_type: str,
+    embedder: Embedder,
+    max_chars: int = DEFAULT_MAX_DOCUMENT_CHARS,
 ) -> AuditReport:
     report = AuditReport(data_type)
-    fingerprints: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}  # the documents that must have features
     for document in warehouse.documents(data_type).find():
         report.warehouse_documents += 1
         try:
-            fingerprints[str(document["_id"])] = validate(data_type, document).fingerprint()
+            fingerprints[str(document["_id"])] = admit(data_type, document, max_chars).fingerprint()
         except (ValidationError, ValueError):
             report.quarantined += 1
     empty_after_cleaning = {
@@ -90,21 +96,23 @@ def audit(
         payload = point.payload or {}
         cleaned[payload.get("document_id", "")] = payload
     report.cleaned_points = len(cleaned)
-    report.chunks = sum(
-        len(d.get("chunks", [])) for d in warehouse.chunk_state(data_type).find(fields=["chunks"])
-    )
+    expected_chunks: dict[str, set[tuple[int, str]]] = {
+        d["_id"]: {(c["chunk_index"], c["chunk_id"]) for c in d.get("chunks", [])}
+        for d in warehouse.chunk_state(data_type).find(fields=["chunks"])
+    }
+    report.chunks = sum(len(c) for c in expected_chunks.values())
 
-    vectors: Counter[str] = Counter()
+    vectors: dict[str, set[tuple[int, str]]] = defaultdict(set)
     vector_hashes: dict[str, set[str]] = defaultdict(set)
     wrong_model: set[str] = set()
     for point in store.points(vector_collection(data_type)):
         payload = point.payload or {}
         document_id = payload.get("document_id", "")
-        vectors[document_id] += 1
+        vectors[document_id].add((payload.get("chunk_index"), payload.get("chunk_id")))
         vector_hashes[document_id].add(payload.get("content_hash", ""))
         if payload.get("model_id") != embedder.signature:
             wrong_model.add(document_id)
-    report.vectors = sum(vectors.values())
+        report.vectors += 1
 
     for entry_id, fingerprint in fingerprints.items():
         payload = cleaned.get(entry_id)
@@ -118,8 +126,10 @@ def audit(
         )
         if not current:
             report.stale.append(entry_id)
-        if not vectors[entry_id]:
+        if not vectors.get(entry_id):
             report.without_vectors.append(entry_id)
+        elif not expected_chunks.get(entry_id, set()) <= vectors[entry_id]:
+            report.chunks_without_vectors.append(entry_id)
     report.orphans = sorted((set(cleaned) | set(vectors)) - set(fingerprints))
     report.wrong_model = sorted(wrong_model & set(fingerprints))
     return report

@@ -207,38 +207,53 @@ def prepare_dagster_home(settings: Settings) -> Path:
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    if args.ids and not args.type:
+        _err("error: --ids needs --type")
+        return 2
+    data_types = [args.type] if args.type else list(DATA_TYPES)
+    return run_pipeline(settings, dict.fromkeys(data_types, args.ids), trigger="cli-backfill")
+
+
+def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
+    """One run of the pipeline job per data type (scoped to ids, or whole), with progress."""
     home = prepare_dagster_home(settings)
     import dagster as dg
 
+    from llm_twin_features.assets import feature_assets
     from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
 
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
-    data_types = [args.type] if args.type else list(DATA_TYPES)
     failed = []
+    total = len(scopes)
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        print(f"backfill of {', '.join(data_types)} through the Dagster instance at {home}")
-        for number, data_type in enumerate(data_types, start=1):
+        print(f"{trigger}: {', '.join(scopes)} through the Dagster instance at {home}")
+        for number, (data_type, ids) in enumerate(scopes.items(), start=1):
+            what = "whole partition" if ids is None else f"{len(ids)} documents"
             print(
-                f"[{number}/{len(data_types)}] {data_type}: running {FEATURE_PIPELINE_JOB}",
+                f"[{number}/{total}] {data_type}: running {FEATURE_PIPELINE_JOB} ({what})",
                 flush=True,
             )
+            run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+            if ids is not None:
+                scope = {"config": {"document_ids": ids}}
+                run_config["ops"] = {asset.key.path[-1]: scope for asset in feature_assets}
             started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=data_type,
-                tags={"llm_twin/trigger": "cli-backfill"},
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                tags={"llm_twin/trigger": trigger},
+                run_config=run_config,
                 raise_on_error=False,
             )
             seconds = time.perf_counter() - started
             if not result.success:
                 failed.append(data_type)
-                _err(f"[{number}/{len(data_types)}] {data_type}: FAILED (run {result.run_id})")
+                _err(f"[{number}/{total}] {data_type}: FAILED (run {result.run_id})")
                 continue
             summary = _materialization_summary(result)
-            print(f"[{number}/{len(data_types)}] {data_type}: done in {seconds:.1f} s: {summary}")
+            print(f"[{number}/{total}] {data_type}: done in {seconds:.1f} s: {summary}")
     if failed:
-        _err(f"backfill failed for {', '.join(failed)}; see the runs in the Dagster UI")
+        _err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI")
         return 1
     return 0
 
@@ -316,14 +331,32 @@ def _print_hits(query: str, hits: list, as_json: bool) -> None:
 # --- status ------------------------------------------------------------------------------------
 
 
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+def _audits(settings: Settings, data_types: list[str]) -> list:
     from llm_twin_features.audit import audit
     from llm_twin_features.pipeline import embedder_for
 
-    reports = []
     with _warehouse(settings) as warehouse, _feature_store(settings) as store:
-        for data_type in DATA_TYPES:
-            reports.append(audit(warehouse, store, data_type, embedder_for(data_type, settings)))
+        return [
+            audit(
+                warehouse,
+                store,
+                data_type,
+                embedder_for(data_type, settings),
+                settings.max_document_chars,
+            )
+            for data_type in data_types
+        ]
+
+
+def _print_table(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     rows = [
         {
             "type": r.data_type,
@@ -337,17 +370,64 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             "orphans": len(r.orphans),
             "in_sync": r.in_sync,
         }
-        for r in reports
+        for r in _audits(settings, list(DATA_TYPES))
     ]
     if args.json:
         for row in rows:
             print(json.dumps(row))
+    else:
+        _print_table(rows)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 1 when the feature store has drifted from the warehouse. With --repair: runs the
+    drifted documents again, audits again, and exits 1 only if drift remains (3 if a repair
+    run failed)."""
+    data_types = [args.type] if args.type else list(DATA_TYPES)
+    reports = _audits(settings, data_types)
+    if args.json:
+        for report in reports:
+            print(
+                json.dumps(
+                    {
+                        "type": report.data_type,
+                        "in_sync": report.in_sync,
+                        **report.counts(),
+                        "examples": report.examples(),
+                    }
+                )
+            )
+    else:
+        _print_table(
+            [
+                {
+                    "type": r.data_type,
+                    **{k: len(v) for k, v in r.drift_kinds().items()},
+                    "in_sync": r.in_sync,
+                }
+                for r in reports
+            ]
+        )
+        for report in reports:
+            for kind, ids in report.examples().items():
+                print(
+                    f"{report.data_type} {kind}: {', '.join(ids)}"
+                    + (" ..." if len(report.drift[kind]) > len(ids) else "")
+                )
+    drifted = {r.data_type: r.drifted_ids for r in reports if not r.in_sync}
+    if not drifted:
         return 0
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+    if not args.repair:
+        _err("drift found; repair with `llm-twin-features audit --repair` (scoped runs)")
+        return 1
+    if run_pipeline(settings, drifted, trigger="audit-repair"):
+        return 3
+    remaining = {r.data_type: r.counts() for r in _audits(settings, data_types) if not r.in_sync}
+    if remaining:
+        _err(f"drift remains after the repair: {json.dumps(remaining)}")
+        return 1
+    print("repaired: the feature store matches the warehouse")
     return 0
 
 
@@ -414,7 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     backfill = commands.add_parser("backfill", help="rebuild features for data types via Dagster")
     backfill.add_argument("--type", choices=DATA_TYPES)
+    backfill.add_argument("--ids", nargs="+", metavar="ID", help="only these documents (--type)")
     backfill.set_defaults(handler=cmd_backfill)
+
+    audit = commands.add_parser(
+        "audit", help="compare the warehouse with every stage; exit 1 on drift"
+    )
+    audit.add_argument("--type", choices=DATA_TYPES)
+    audit.add_argument("--json", action="store_true", help="one JSON object per type")
+    audit.add_argument("--repair", action="store_true", help="run the drifted documents again")
+    audit.set_defaults(handler=cmd_audit)
 
     search = commands.add_parser("search", help="semantic search over embedded chunks")
     search.add_argument("query", nargs="?", help="the query; omitted: one query per stdin line")

@@ -8,13 +8,20 @@ from pathlib import Path
 import dagster as dg
 
 from llm_twin_features.assets import feature_assets, warehouse_documents
+from llm_twin_features.checks import audit_job, warehouse_audit
 from llm_twin_features.resources import (
     EmbeddingResource,
     EventBrokerResource,
     FeatureStoreResource,
     WarehouseResource,
 )
-from llm_twin_features.sensors import build_sensor, warehouse_events_job
+from llm_twin_features.schedules import build_audit_schedule
+from llm_twin_features.sensors import (
+    audit_repair_job,
+    audit_repair_sensor,
+    build_sensor,
+    warehouse_events_job,
+)
 from llm_twin_features.settings import Settings
 
 FEATURE_PIPELINE_JOB = "feature_pipeline_job"
@@ -34,6 +41,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             database=_env("MONGO_DATABASE", defaults.mongo_database),
             features_database=_env("FEATURES_DATABASE", defaults.features_database),
             data_dir=data_dir,
+            max_document_chars=defaults.max_document_chars,
         ),
         "feature_store": FeatureStoreResource(
             qdrant_url=_env("QDRANT_URL", ""),
@@ -73,10 +81,13 @@ feature_pipeline_job = dg.define_asset_job(
 
 def build_definitions() -> dg.Definitions:
     """The definitions with resources read from the environment as it is now."""
+    settings = Settings()
     return dg.Definitions(
         assets=[warehouse_documents, *feature_assets],
-        jobs=[feature_pipeline_job, warehouse_events_job],
-        sensors=[build_sensor(Settings())],
+        asset_checks=[warehouse_audit],
+        jobs=[feature_pipeline_job, warehouse_events_job, audit_job, audit_repair_job],
+        sensors=[build_sensor(settings), audit_repair_sensor],
+        schedules=[build_audit_schedule(settings)],
         resources=build_resources(),
         # One process per run: models load once, and Qdrant local mode admits one process.
         executor=dg.in_process_executor,

@@ -153,7 +153,10 @@ class RemoteModel:
                 if self._connection is None:
                     host, port = self._address.hostname, self._address.port or 80
                     self._connection = http.client.HTTPConnection(host, port)
+                # Per request: the socket outlives the call that opened it (a short /info).
                 self._connection.timeout = timeout or self.timeout
+                if self._connection.sock is not None:
+                    self._connection.sock.settimeout(self._connection.timeout)
                 self._connection.request(
                     "POST", path, payload, {"Content-Type": "application/json"}
                 )

@@ -45,6 +45,7 @@ from llm_twin_features.stores.warehouse import Warehouse
 
 Progress = Callable[[str], Any]
 EMBED_SLICE = 512  # texts per encode call: progress is reported between slices
+DEFAULT_MAX_DOCUMENT_CHARS = 1_000_000  # ~2,000 chunks of 500 characters
 
 
 def _quiet(_: str) -> None:
@@ -80,6 +81,22 @@ def validate(data_type: str, document: dict) -> RawDocument:
     if model is None:
         raise ValueError(f"unknown data type {data_type!r}")
     return model.model_validate({**document, "entry_id": str(document.get("_id", ""))})
+
+
+class DocumentTooLarge(ValueError):
+    """More text than one document may carry; quarantined instead of exhausting memory."""
+
+
+def admit(data_type: str, document: dict, max_chars: int) -> RawDocument:
+    """The validated document if the pipeline takes it; raises with the reason otherwise."""
+    raw = validate(data_type, document)
+    size = raw.text_size()
+    if size > max_chars:
+        raise DocumentTooLarge(
+            f"document too large: {size:,} characters of text, the limit is {max_chars:,} "
+            "(MAX_DOCUMENT_CHARS)"
+        )
+    return raw
 
 
 def describe_error(error: Exception) -> str:
@@ -134,6 +151,7 @@ def ingest_raw(
     data_type: str,
     scope: list[str] | None = None,
     progress: Progress = _quiet,
+    max_chars: int = DEFAULT_MAX_DOCUMENT_CHARS,
 ) -> StageReport:
     """Validates warehouse documents into the raw stage state; quarantines invalid ones."""
     started = time.perf_counter()
@@ -146,7 +164,7 @@ def ingest_raw(
     writes = []
     for entry_id, document in documents.items():
         try:
-            fingerprint = validate(data_type, document).fingerprint()
+            fingerprint = admit(data_type, document, max_chars).fingerprint()
         except (ValidationError, ValueError) as error:
             report.quarantined[entry_id] = describe_error(error)
             continue

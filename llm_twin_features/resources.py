@@ -31,6 +31,9 @@ class WarehouseResource(dg.ConfigurableResource):
     database: str = "twin"
     features_database: str = "twin_features"
     data_dir: str = ".data"
+    max_document_chars: int = Field(
+        default=1_000_000, description="documents with more text are quarantined"
+    )
 
     @contextmanager
     def open(self) -> Iterator[Warehouse]:

@@ -4,7 +4,8 @@ import time
 
 import dagster as dg
 
-from llm_twin_features.assets import ScopeConfig, feature_assets
+from llm_twin_features.assets import feature_assets, scoped_run_config
+from llm_twin_features.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT, audit_job
 from llm_twin_features.event_sync import Batch, SensorCursor, plan_tick
 from llm_twin_features.resources import EventBrokerResource
 from llm_twin_features.settings import Settings
@@ -23,11 +24,10 @@ warehouse_events_job = dg.define_asset_job(
 
 
 def run_request(batch: Batch) -> dg.RunRequest:
-    scope = ScopeConfig(document_ids=batch.entry_ids)
     return dg.RunRequest(
         run_key=batch.run_key,
         partition_key=batch.data_type,
-        run_config=dg.RunConfig(ops={asset.key.path[-1]: scope for asset in feature_assets}),
+        run_config=scoped_run_config(batch.entry_ids),
         tags={
             "llm_twin/events": str(len(batch.event_ids)),
             "llm_twin/documents": str(len(batch.entry_ids)),
@@ -97,3 +97,91 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
         )
 
     return warehouse_events_sensor
+
+
+ALL_DOCUMENTS = frozenset({"*"})  # a whole-partition run covers every document
+IN_FLIGHT = [
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def _covered_since(instance: dg.DagsterInstance, since: float) -> dict[str, frozenset[str]]:
+    """Documents that pipeline runs in flight, or finished since `since`, take care of: what
+    the audit saw drifting there was work in progress (e.g. events), not lost work."""
+    from datetime import UTC, datetime
+
+    records = [
+        *instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT)),
+        *instance.get_run_records(
+            dg.RunsFilter(updated_after=datetime.fromtimestamp(since, tz=UTC))
+        ),
+    ]
+    covered: dict[str, frozenset[str]] = {}
+    for record in records:
+        run = record.dagster_run
+        data_type = run.tags.get("dagster/partition")
+        if data_type is None or run.job_name not in PIPELINE_JOBS:
+            continue
+        ops = (run.run_config or {}).get("ops", {})
+        ids = ops.get("raw_documents", {}).get("config", {}).get("document_ids")
+        if ids is None:
+            covered[data_type] = ALL_DOCUMENTS
+        elif covered.get(data_type) is not ALL_DOCUMENTS:
+            covered[data_type] = covered.get(data_type, frozenset()) | frozenset(ids)
+    return covered
+
+
+audit_repair_job = dg.define_asset_job(
+    "audit_repair_job",
+    selection=dg.AssetSelection.assets(*feature_assets),
+    description="The four stages for the documents the scheduled audit found drifted.",
+    tags={"llm_twin/trigger": "audit-repair"},
+)
+
+
+@dg.run_status_sensor(
+    name="audit_repair_sensor",
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[audit_job],
+    request_job=audit_repair_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After each audit, requests one run per drifted data type, scoped to the "
+    "drifted documents (capped by the audit's repair_cap).",
+)
+def audit_repair_sensor(context: dg.RunStatusSensorContext):
+    run_id = context.dagster_run.run_id
+    records = context.instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    ).records
+    found: dict[str, list[str]] = {}
+    for record in records:
+        evaluation = record.event_log_entry.dagster_event.event_specific_data
+        if evaluation.check_name == WAREHOUSE_AUDIT:
+            found = evaluation.metadata[REPAIR_IDS_KEY].value
+    (audit_record,) = context.instance.get_run_records(dg.RunsFilter(run_ids=[run_id]))
+    covered = _covered_since(context.instance, audit_record.start_time or 0.0)
+    repair = {
+        data_type: [i for i in ids if i not in covered.get(data_type, ())]
+        for data_type, ids in found.items()
+        if covered.get(data_type) is not ALL_DOCUMENTS
+    }
+    repair = {data_type: ids for data_type, ids in repair.items() if ids}
+    if not repair:
+        return dg.SkipReason(
+            f"audit run {run_id} found no drift that runs in flight do not already cover"
+        )
+    return [
+        dg.RunRequest(
+            run_key=f"repair-{run_id}-{data_type}",
+            partition_key=data_type,
+            run_config=scoped_run_config(ids),
+            tags={"llm_twin/audit_run": run_id, "llm_twin/documents": str(len(ids))},
+        )
+        for data_type, ids in repair.items()
+    ]
+
+
+PIPELINE_JOBS = {"feature_pipeline_job", WAREHOUSE_EVENTS_JOB, audit_repair_job.name, "__ASSET_JOB"}

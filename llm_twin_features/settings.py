@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
     code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
     embedding_batch_size: int = 64
+    # The scheduled audit (cron) and how many drifted ids of a type one repair run takes.
+    audit_cron: str = "*/10 * * * *"
+    audit_repair_cap: int = 500
+    # A document with more text is quarantined instead of embedded (~2,000 chunks).
+    max_document_chars: int = 1_000_000
     # The model server (`llm-twin-features serve-models`); unset: runs load models themselves.
     embedding_service_url: str | None = None
 

@@ -31,6 +31,14 @@ def test_remote_vectors_equal_local_ones(url):
     assert remote.signature == local.signature  # where a vector came from does not matter
 
 
+def test_each_request_gets_its_own_timeout(url):
+    """The kept-alive socket is opened by the 5 s /info call; an embed call must not inherit
+    that timeout (a 512-text slice takes longer)."""
+    remote = RemoteModel(url, BUNDLED_MODEL, timeout=321.0)
+    remote.encode(TEXTS)
+    assert remote._connection.sock.gettimeout() == 321.0
+
+
 def test_remote_tokenizer_gives_the_same_chunks(url):
     remote = RemoteModel(url, BUNDLED_MODEL)
     local = load_local_model(BUNDLED_MODEL)
@@ -43,7 +51,7 @@ def test_remote_tokenizer_gives_the_same_chunks(url):
 
 
 def test_errors_are_reported_not_swallowed(url):
-    with pytest.raises(ModelServiceUnavailable, match="model server .*/info: .*Error"):
+    with pytest.raises(ModelServiceUnavailable, match=r"model server .*/info: .*Error"):
         RemoteModel(url, "/no/such/model/directory")
 
 
@@ -51,4 +59,5 @@ def test_unreachable_server_falls_back_to_a_local_model(caplog):
     with caplog.at_level(logging.WARNING):
         model = load_model(BUNDLED_MODEL, f"http://127.0.0.1:{free_port()}")
     assert model is load_local_model(BUNDLED_MODEL)
-    assert "unreachable" in caplog.text and "loading bundled:all-MiniLM-L6-v2 in this process" in caplog.text
+    assert "unreachable" in caplog.text
+    assert "loading bundled:all-MiniLM-L6-v2 in this process" in caplog.text

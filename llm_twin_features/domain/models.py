@@ -59,6 +59,10 @@ class RawDocument(BaseModel):
         """Fields kept in every payload besides the text (platform, link, name...)."""
         return {}
 
+    def text_size(self) -> int:
+        """Characters of text in the content, the measure of the work a document makes."""
+        return sum(len(v) for v in self.content.values() if isinstance(v, str))
+
     def fingerprint(self) -> str:
         """Hash of everything that shapes the features, so unchanged documents are skipped."""
         return content_hash(self.model_dump(mode="json", exclude={"entry_id"}))

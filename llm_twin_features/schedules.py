@@ -1,0 +1,18 @@
+"""The audit runs on a schedule; `audit_repair_sensor` repairs what it finds."""
+
+import dagster as dg
+
+from llm_twin_features.checks import AuditConfig, audit_job, warehouse_audit
+from llm_twin_features.settings import Settings
+
+
+def build_audit_schedule(settings: Settings) -> dg.ScheduleDefinition:
+    config = AuditConfig(repair_cap=settings.audit_repair_cap)
+    return dg.ScheduleDefinition(
+        name="audit_schedule",
+        job=audit_job,
+        cron_schedule=settings.audit_cron,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        run_config=dg.RunConfig(ops={warehouse_audit.node_def.name: config}),
+        description="Audits the feature store against the warehouse (AUDIT_CRON).",
+    )
