@@ -17,6 +17,8 @@ GROUP = "feature_pipeline"
 # A store that is briefly unreachable (or a Qdrant local folder held too long) fails the step
 # with a clear message; the step is retried, and stages are idempotent, so a retry converges.
 STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL)
+# What every stage asset shares: one partition per data type, the group, the retry policy.
+STAGE = {"partitions_def": data_type_partitions, "group_name": GROUP, "retry_policy": STORE_RETRY}
 FEATURE_STORE_POOL = "feature_store"
 IN_SYNC_CHECK = "in_sync_with_warehouse"
 
@@ -65,9 +67,7 @@ def _metadata(report: pipeline.StageReport, scope: list[str] | None) -> dict:
 
 @dg.asset(
     deps=[warehouse_documents],
-    partitions_def=data_type_partitions,
-    group_name=GROUP,
-    retry_policy=STORE_RETRY,
+    **STAGE,
     kinds={"mongodb"},
     description="Warehouse documents validated against their type's model and snapshotted in "
     "the `twin_features` database; invalid ones are quarantined with a reason.",
@@ -88,9 +88,7 @@ def raw_documents(
 
 @dg.asset(
     deps=[raw_documents],
-    partitions_def=data_type_partitions,
-    group_name=GROUP,
-    retry_policy=STORE_RETRY,
+    **STAGE,
     kinds={"qdrant"},
     pool=FEATURE_STORE_POOL,
     description="Cleaned documents in Qdrant `cleaned_{type}` (no vectors): the snapshot that "
@@ -111,9 +109,7 @@ def cleaned_documents(
 
 @dg.asset(
     deps=[cleaned_documents],
-    partitions_def=data_type_partitions,
-    group_name=GROUP,
-    retry_policy=STORE_RETRY,
+    **STAGE,
     kinds={"mongodb"},
     pool=FEATURE_STORE_POOL,
     description="Cleaned documents split into chunks that fit the embedding model's token "
@@ -144,9 +140,7 @@ def _check_result(report: AuditReport) -> dg.AssetCheckResult:
 
 @dg.asset(
     deps=[chunked_documents],
-    partitions_def=data_type_partitions,
-    group_name=GROUP,
-    retry_policy=STORE_RETRY,
+    **STAGE,
     kinds={"qdrant", "pytorch"},
     pool=FEATURE_STORE_POOL,
     description="Embedded chunks in Qdrant `vector_{type}` (cosine), the snapshot RAG "

@@ -9,7 +9,12 @@ that failed for good, is healed within one audit period.
 import dagster as dg
 from pydantic import Field
 
-from llm_twin_features.assets import FEATURE_STORE_POOL, STORE_RETRY, embedded_chunks
+from llm_twin_features.assets import (
+    FEATURE_STORE_POOL,
+    STORE_RETRY,
+    embedded_chunks,
+    feature_assets,
+)
 from llm_twin_features.audit import audit
 from llm_twin_features.pipeline import embedder_for
 from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
@@ -54,6 +59,11 @@ def warehouse_audit(
     metadata[REPAIR_IDS_KEY] = dg.MetadataValue.json(repair)
     return dg.AssetCheckResult(passed=not repair, metadata=metadata)
 
+
+# The four stages without the audit check (which covers every type, not one partition).
+PIPELINE_SELECTION = dg.AssetSelection.assets(*feature_assets) - dg.AssetSelection.checks(
+    warehouse_audit
+)
 
 audit_job = dg.define_asset_job(
     "audit_job",

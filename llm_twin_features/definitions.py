@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from llm_twin_features.assets import feature_assets, warehouse_documents
-from llm_twin_features.checks import audit_job, warehouse_audit
+from llm_twin_features.checks import PIPELINE_SELECTION, audit_job, warehouse_audit
 from llm_twin_features.resources import (
     EmbeddingResource,
     EventBrokerResource,
@@ -74,7 +74,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
 
 feature_pipeline_job = dg.define_asset_job(
     FEATURE_PIPELINE_JOB,
-    selection=dg.AssetSelection.assets(*feature_assets),
+    selection=PIPELINE_SELECTION,
     description="Warehouse -> raw -> cleaned -> chunked -> embedded for one data type.",
 )
 

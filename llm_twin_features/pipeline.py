@@ -29,10 +29,11 @@ from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import (
     PIPELINE_VERSION,
     RAW_MODELS,
+    STATE_MODELS,
     ChunkedDocument,
     CleanedDocument,
+    EmbeddedChunk,
     RawDocument,
-    chunk_point_id,
     document_point_id,
 )
 from llm_twin_features.settings import Settings
@@ -68,7 +69,6 @@ class StageReport:
     vectors_reused: int = 0
     seconds: float = 0.0
     model_id: str | None = None
-    changed_ids: list[str] = field(default_factory=list)
 
     @property
     def chunks_per_second(self) -> float:
@@ -175,12 +175,10 @@ def ingest_raw(
         writes.append(
             {"_id": entry_id, "content_hash": fingerprint, "document": body, "updated_at": _now()}
         )
-        report.changed_ids.append(entry_id)
 
     state.replace_many(writes)
     gone = set(stored) - (set(documents) - set(report.quarantined))
     report.deleted = state.delete_many(gone)
-    report.changed_ids.extend(sorted(gone))
     report.upserted = len(writes)
     _quarantine(
         warehouse, data_type, "raw", scope if scope is not None else documents, report.quarantined
@@ -208,20 +206,6 @@ def stored_raw(warehouse: Warehouse, data_type: str, scope: list[str] | None) ->
 
 
 # --- cleaned ---------------------------------------------------------------------------------
-
-
-def _cleaned_payload(cleaned: CleanedDocument) -> dict:
-    return {
-        "document_id": cleaned.entry_id,
-        "data_type": cleaned.data_type,
-        "author_id": cleaned.author_id,
-        "content_hash": cleaned.content_hash,
-        "cleaned_content": cleaned.cleaned_content,
-        "chunk_index": None,
-        "model_id": None,
-        "pipeline_version": PIPELINE_VERSION,
-        **cleaned.metadata,
-    }
 
 
 def clean_documents(
@@ -254,8 +238,7 @@ def clean_documents(
         if not cleaned.cleaned_content.strip():
             report.quarantined[raw.entry_id] = "no text left after cleaning"
             continue
-        points.append(qm.PointStruct(id=point_id, vector={}, payload=_cleaned_payload(cleaned)))
-        report.changed_ids.append(raw.entry_id)
+        points.append(qm.PointStruct(id=point_id, vector={}, payload=cleaned.payload()))
 
     store.upsert(collection, points)
     keep = {document_point_id(data_type, r.entry_id) for r in raw_documents} - {
@@ -263,7 +246,6 @@ def clean_documents(
     }
     gone = [pid for pid in existing if pid not in keep]
     store.delete_points(collection, gone)
-    report.changed_ids.extend(existing[pid].get("document_id", "") for pid in gone)
     report.upserted, report.deleted = len(points), len(gone)
     _quarantine(
         warehouse, data_type, "cleaned", [r.entry_id for r in raw_documents], report.quarantined
@@ -279,16 +261,9 @@ def clean_documents(
 def stored_cleaned(
     store: FeatureStore, data_type: str, scope: list[str] | None
 ) -> list[CleanedDocument]:
-    metadata_keys = {"platform", "link", "name"}
+    model = STATE_MODELS[data_type].cleaned
     return [
-        CleanedDocument(
-            entry_id=p.payload["document_id"],
-            data_type=data_type,
-            author_id=p.payload["author_id"],
-            content_hash=p.payload["content_hash"],
-            cleaned_content=p.payload["cleaned_content"],
-            metadata={k: v for k, v in p.payload.items() if k in metadata_keys},
-        )
+        model.from_payload(p.payload)
         for p in store.points(cleaned_collection(data_type), scope)
         if p.payload
     ]
@@ -325,12 +300,10 @@ def chunk_documents(
         chunked = ChunkingDispatcher.dispatch(cleaned, embedder)
         report.chunks += len(chunked.chunks)
         writes.append({"_id": chunked.entry_id, **chunked.model_dump(exclude={"entry_id"})})
-        report.changed_ids.append(cleaned.entry_id)
 
     state.replace_many(writes)
     gone = set(stored) - {c.entry_id for c in cleaned_documents}
     report.deleted = state.delete_many(gone)
-    report.changed_ids.extend(sorted(gone))
     report.upserted = len(writes)
     report.seconds = time.perf_counter() - started
     progress(
@@ -344,7 +317,9 @@ def stored_chunks(
     warehouse: Warehouse, data_type: str, scope: list[str] | None
 ) -> list[ChunkedDocument]:
     return [
-        ChunkedDocument(entry_id=d["_id"], **{k: v for k, v in d.items() if k != "_id"})
+        STATE_MODELS[data_type].chunked(
+            entry_id=d["_id"], **{k: v for k, v in d.items() if k != "_id"}
+        )
         for d in warehouse.chunk_state(data_type).find(scope)
     ]
 
@@ -352,20 +327,8 @@ def stored_chunks(
 # --- embedded --------------------------------------------------------------------------------
 
 
-def _chunk_payload(document: ChunkedDocument, index: int, model_id: str) -> dict:
-    chunk = document.chunks[index]
-    return {
-        "document_id": document.entry_id,
-        "data_type": document.data_type,
-        "author_id": document.author_id,
-        "content_hash": document.content_hash,
-        "chunk_index": chunk.chunk_index,
-        "chunk_id": chunk.chunk_id,
-        "text": chunk.chunk_content,
-        "model_id": model_id,
-        "pipeline_version": PIPELINE_VERSION,
-        **document.metadata,
-    }
+def _point(target: EmbeddedChunk, vector: list[float]) -> qm.PointStruct:
+    return qm.PointStruct(id=target.point_id, vector=vector, payload=target.payload())
 
 
 def embed_chunks(
@@ -389,62 +352,45 @@ def embed_chunks(
             by_document[payload.get("document_id", "")][payload.get("chunk_id", "")] = point_id
     report.in_scope = len(documents)
 
-    to_embed: list[tuple[ChunkedDocument, int]] = []
-    to_copy: list[tuple[ChunkedDocument, int, str]] = []  # reuse the vector of another point
+    model = STATE_MODELS[data_type].embedded
+    to_embed: list[EmbeddedChunk] = []
+    to_copy: list[tuple[EmbeddedChunk, str]] = []  # reuse the vector of another point
     keep: set[str] = set()
     for document in documents:
         unchanged = True
         for chunk in document.chunks:
-            point_id = chunk_point_id(data_type, document.entry_id, chunk.chunk_index)
-            keep.add(point_id)
+            target = model.of(document, chunk.chunk_index, model_id)
+            keep.add(target.point_id)
             report.chunks += 1
-            payload = existing.get(point_id)
-            if payload == _chunk_payload(document, chunk.chunk_index, model_id):
+            if existing.get(target.point_id) == target.payload():
                 report.vectors_reused += 1
                 continue
             unchanged = False
             source = by_document[document.entry_id].get(chunk.chunk_id)
             if source is not None:
-                to_copy.append((document, chunk.chunk_index, source))
+                to_copy.append((target, source))
             else:
-                to_embed.append((document, chunk.chunk_index))
+                to_embed.append(target)
         if unchanged:
             report.skipped_unchanged += 1
-        else:
-            report.changed_ids.append(document.entry_id)
 
     gone = [pid for pid in existing if pid not in keep]
     if to_embed or to_copy:
         store.ensure_vector_collection(data_type, embedder.dimension)
-    copied = store.vectors(collection, sorted({source for *_, source in to_copy}))
-    points = [
-        qm.PointStruct(
-            id=chunk_point_id(data_type, d.entry_id, i),
-            vector=copied[source],
-            payload=_chunk_payload(d, i, model_id),
-        )
-        for d, i, source in to_copy
-    ]
-    report.vectors_reused += len(points)
-    store.upsert(collection, points)
+    copied = store.vectors(collection, sorted({source for _, source in to_copy}))
+    store.upsert(collection, [_point(target, copied[source]) for target, source in to_copy])
+    report.vectors_reused += len(to_copy)
 
     # Longest first, so each encode call pads texts of similar length. Each slice is written
     # while the next one is encoded (the model releases the GIL while it computes).
-    to_embed.sort(key=lambda item: -len(item[0].chunks[item[1]].chunk_content))
+    to_embed.sort(key=lambda target: -len(target.chunk.chunk_content))
     embed_started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert") as writer:
         written: Future | None = None
         for start in range(0, len(to_embed), EMBED_SLICE):
             batch = to_embed[start : start + EMBED_SLICE]
-            vectors = embedder.embed([d.chunks[i].chunk_content for d, i in batch])
-            points = [
-                qm.PointStruct(
-                    id=chunk_point_id(data_type, d.entry_id, i),
-                    vector=vector,
-                    payload=_chunk_payload(d, i, model_id),
-                )
-                for (d, i), vector in zip(batch, vectors, strict=True)
-            ]
+            vectors = embedder.embed([target.chunk.chunk_content for target in batch])
+            points = [_point(t, v) for t, v in zip(batch, vectors, strict=True)]
             if written is not None:
                 written.result()  # one slice in flight at most; surfaces a failed write
             written = writer.submit(store.upsert, collection, points)
@@ -454,13 +400,10 @@ def embed_chunks(
         if written is not None:
             written.result()
     report.vectors_embedded = len(to_embed)
+    report.upserted = len(to_copy) + len(to_embed)
 
     store.delete_points(collection, gone)
     report.deleted = len(gone)
-    report.changed_ids.extend(
-        sorted({existing[p].get("document_id", "") for p in gone} - set(report.changed_ids))
-    )
-    report.upserted = len(points) + len(to_embed)
     report.seconds = time.perf_counter() - started
     progress(
         f"embedded {data_type}: {report.vectors_embedded} chunks embedded, "

@@ -4,8 +4,13 @@ import time
 
 import dagster as dg
 
-from llm_twin_features.assets import feature_assets, scoped_run_config
-from llm_twin_features.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT, audit_job
+from llm_twin_features.assets import scoped_run_config
+from llm_twin_features.checks import (
+    PIPELINE_SELECTION,
+    REPAIR_IDS_KEY,
+    WAREHOUSE_AUDIT,
+    audit_job,
+)
 from llm_twin_features.event_sync import Batch, SensorCursor, plan_tick
 from llm_twin_features.resources import EventBrokerResource
 from llm_twin_features.settings import Settings
@@ -16,7 +21,7 @@ RUN_KEY_TAG = "dagster/run_key"
 
 warehouse_events_job = dg.define_asset_job(
     WAREHOUSE_EVENTS_JOB,
-    selection=dg.AssetSelection.assets(*feature_assets),
+    selection=PIPELINE_SELECTION,
     description="Near-real-time sync: the four stages for the document ids of a batch of "
     "warehouse change events (requested by warehouse_events_sensor).",
     tags={"llm_twin/trigger": "events"},
@@ -136,7 +141,7 @@ def _covered_since(instance: dg.DagsterInstance, since: float) -> dict[str, froz
 
 audit_repair_job = dg.define_asset_job(
     "audit_repair_job",
-    selection=dg.AssetSelection.assets(*feature_assets),
+    selection=PIPELINE_SELECTION,
     description="The four stages for the documents the scheduled audit found drifted.",
     tags={"llm_twin/trigger": "audit-repair"},
 )

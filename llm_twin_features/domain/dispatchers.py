@@ -14,10 +14,16 @@ from llm_twin_features.domain.chunking import ChunkingConfig, TokenWindow, chunk
 from llm_twin_features.domain.cleaning import clean_content, clean_repository_content
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import (
+    ArticleChunked,
+    ArticleCleaned,
     Chunk,
     ChunkedDocument,
     CleanedDocument,
+    PostChunked,
+    PostCleaned,
     RawDocument,
+    RepositoryChunked,
+    RepositoryCleaned,
     text_hash,
 )
 from llm_twin_features.settings import Settings
@@ -53,10 +59,11 @@ class HandlerFactory(Generic[H]):
 
 
 class CleaningHandler(ABC):
+    model: type[CleanedDocument]
+
     def clean(self, raw: RawDocument) -> CleanedDocument:
-        return CleanedDocument(
+        return self.model(
             entry_id=raw.entry_id,
-            data_type=raw.data_type,
             author_id=raw.author_id,
             content_hash=raw.fingerprint(),
             cleaned_content=self.clean_text(raw),
@@ -72,18 +79,24 @@ cleaning_handlers: HandlerFactory[CleaningHandler] = HandlerFactory("cleaning")
 
 @cleaning_handlers.register("posts")
 class PostCleaningHandler(CleaningHandler):
+    model = PostCleaned
+
     def clean_text(self, raw: RawDocument) -> str:
         return clean_content(raw.content)
 
 
 @cleaning_handlers.register("articles")
 class ArticleCleaningHandler(CleaningHandler):
+    model = ArticleCleaned
+
     def clean_text(self, raw: RawDocument) -> str:
         return clean_content(raw.content)
 
 
 @cleaning_handlers.register("repositories")
 class RepositoryCleaningHandler(CleaningHandler):
+    model = RepositoryCleaned
+
     def clean_text(self, raw: RawDocument) -> str:
         return clean_repository_content(raw.content)
 
@@ -98,6 +111,7 @@ class CleaningDispatcher:
 
 
 class ChunkingHandler:
+    model: type[ChunkedDocument]
     config = ChunkingConfig()
 
     def chunk(self, cleaned: CleanedDocument, embedder: Embedder) -> ChunkedDocument:
@@ -105,9 +119,8 @@ class ChunkingHandler:
             tokenizer=embedder.model.tokenizer, tokens_per_chunk=embedder.max_text_tokens
         )
         texts = chunk_text(cleaned.cleaned_content, self.config, window)
-        return ChunkedDocument(
+        return self.model(
             entry_id=cleaned.entry_id,
-            data_type=cleaned.data_type,
             author_id=cleaned.author_id,
             content_hash=cleaned.content_hash,
             chunker=signature(self.config, embedder.signature),
@@ -124,16 +137,17 @@ chunking_handlers: HandlerFactory[ChunkingHandler] = HandlerFactory("chunking")
 
 @chunking_handlers.register("posts")
 class PostChunkingHandler(ChunkingHandler):
-    config = ChunkingConfig()
+    model = PostChunked
 
 
 @chunking_handlers.register("articles")
 class ArticleChunkingHandler(ChunkingHandler):
-    config = ChunkingConfig()
+    model = ArticleChunked
 
 
 @chunking_handlers.register("repositories")
 class RepositoryChunkingHandler(ChunkingHandler):
+    model = RepositoryChunked
     # Code rarely has blank lines every 500 characters: also split on lines, in larger pieces.
     config = ChunkingConfig(separators=["\n\n", "\n"], chunk_size=1000)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Bump when cleaning or chunking changes output, so stored features are rebuilt.
 PIPELINE_VERSION = "1"
 
+METADATA_KEYS = ("platform", "link", "name")  # type-specific fields kept in payloads
 _POINT_NAMESPACE = uuid.UUID("6f0d1c1e-7f8b-4d55-9a57-1c0f8f2b9e10")
 
 
@@ -97,12 +98,38 @@ class RepositoryDocument(RawDocument):
 
 
 class CleanedDocument(BaseModel):
+    """A document's cleaned text: one point of the `cleaned_{type}` snapshot."""
+
     entry_id: str
     data_type: str
     author_id: str
     content_hash: str
     cleaned_content: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "document_id": self.entry_id,
+            "data_type": self.data_type,
+            "author_id": self.author_id,
+            "content_hash": self.content_hash,
+            "cleaned_content": self.cleaned_content,
+            "chunk_index": None,
+            "model_id": None,
+            "pipeline_version": PIPELINE_VERSION,
+            **self.metadata,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> CleanedDocument:
+        return cls(
+            entry_id=payload["document_id"],
+            data_type=payload["data_type"],
+            author_id=payload["author_id"],
+            content_hash=payload["content_hash"],
+            cleaned_content=payload["cleaned_content"],
+            metadata={k: v for k, v in payload.items() if k in METADATA_KEYS},
+        )
 
 
 class Chunk(BaseModel):
@@ -112,6 +139,8 @@ class Chunk(BaseModel):
 
 
 class ChunkedDocument(BaseModel):
+    """A document's chunks, kept in the chunk stage state."""
+
     entry_id: str
     data_type: str
     author_id: str
@@ -122,16 +151,101 @@ class ChunkedDocument(BaseModel):
 
 
 class EmbeddedChunk(BaseModel):
+    """One chunk as embedded by `model_id`: one point of the `vector_{type}` snapshot (the
+    vector itself goes straight from the model into the point)."""
+
     entry_id: str
     data_type: str
     author_id: str
     content_hash: str
     chunk: Chunk
-    embedding: list[float]
     model_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @classmethod
+    def of(cls, document: ChunkedDocument, index: int, model_id: str) -> EmbeddedChunk:
+        """The chunk at `index`, before (or without) its vector."""
+        return cls(
+            entry_id=document.entry_id,
+            data_type=document.data_type,
+            author_id=document.author_id,
+            content_hash=document.content_hash,
+            chunk=document.chunks[index],
+            model_id=model_id,
+            metadata=document.metadata,
+        )
 
-RAW_MODELS: dict[str, type[RawDocument]] = {
-    model.data_type: model for model in (PostDocument, ArticleDocument, RepositoryDocument)
+    @property
+    def point_id(self) -> str:
+        return chunk_point_id(self.data_type, self.entry_id, self.chunk.chunk_index)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "document_id": self.entry_id,
+            "data_type": self.data_type,
+            "author_id": self.author_id,
+            "content_hash": self.content_hash,
+            "chunk_index": self.chunk.chunk_index,
+            "chunk_id": self.chunk.chunk_id,
+            "text": self.chunk.chunk_content,
+            "model_id": self.model_id,
+            "pipeline_version": PIPELINE_VERSION,
+            **self.metadata,
+        }
+
+
+# One model per type and state. The type-specific fields of a raw document (platform, link,
+# name) travel on as `metadata`; `data_type` pins each state model to its type.
+
+
+class PostCleaned(CleanedDocument):
+    data_type: Literal["posts"] = "posts"
+
+
+class ArticleCleaned(CleanedDocument):
+    data_type: Literal["articles"] = "articles"
+
+
+class RepositoryCleaned(CleanedDocument):
+    data_type: Literal["repositories"] = "repositories"
+
+
+class PostChunked(ChunkedDocument):
+    data_type: Literal["posts"] = "posts"
+
+
+class ArticleChunked(ChunkedDocument):
+    data_type: Literal["articles"] = "articles"
+
+
+class RepositoryChunked(ChunkedDocument):
+    data_type: Literal["repositories"] = "repositories"
+
+
+class PostEmbeddedChunk(EmbeddedChunk):
+    data_type: Literal["posts"] = "posts"
+
+
+class ArticleEmbeddedChunk(EmbeddedChunk):
+    data_type: Literal["articles"] = "articles"
+
+
+class RepositoryEmbeddedChunk(EmbeddedChunk):
+    data_type: Literal["repositories"] = "repositories"
+
+
+class StateModels(NamedTuple):
+    raw: type[RawDocument]
+    cleaned: type[CleanedDocument]
+    chunked: type[ChunkedDocument]
+    embedded: type[EmbeddedChunk]
+
+
+STATE_MODELS: dict[str, StateModels] = {
+    "posts": StateModels(PostDocument, PostCleaned, PostChunked, PostEmbeddedChunk),
+    "articles": StateModels(ArticleDocument, ArticleCleaned, ArticleChunked, ArticleEmbeddedChunk),
+    "repositories": StateModels(
+        RepositoryDocument, RepositoryCleaned, RepositoryChunked, RepositoryEmbeddedChunk
+    ),
 }
+RAW_MODELS: dict[str, type[RawDocument]] = {t: m.raw for t, m in STATE_MODELS.items()}
