@@ -87,3 +87,14 @@ def test_code_uses_the_instructor_path_and_prose_does_not():
         settings.code_embedding_instruction,
     )
     assert prose.instruction is None
+
+
+def test_every_type_has_a_model_per_state_pinned_to_its_type():
+    from llm_twin_features.domain.models import STATE_MODELS
+
+    assert set(STATE_MODELS) == {"posts", "articles", "repositories"}
+    cleaned = CleaningDispatcher.dispatch(validate("posts", POST))
+    assert type(cleaned) is STATE_MODELS["posts"].cleaned
+    assert type(cleaned).from_payload(cleaned.payload()) == cleaned
+    with pytest.raises(ValidationError, match="Input should be 'posts'"):
+        STATE_MODELS["posts"].cleaned(**{**cleaned.model_dump(), "data_type": "articles"})
