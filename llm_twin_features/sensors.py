@@ -1,6 +1,7 @@
-"""The RabbitMQ sensor: turns warehouse change events into runs scoped to the changed ids."""
+"""Sensors: RabbitMQ change events -> scoped runs; audit findings -> scoped repair runs."""
 
 import time
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -104,6 +105,15 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
     return warehouse_events_sensor
 
 
+audit_repair_job = dg.define_asset_job(
+    "audit_repair_job",
+    selection=PIPELINE_SELECTION,
+    description="The four stages for the documents the scheduled audit found drifted.",
+    tags={"llm_twin/trigger": "audit-repair"},
+)
+
+
+PIPELINE_JOBS = {"feature_pipeline_job", WAREHOUSE_EVENTS_JOB, audit_repair_job.name, "__ASSET_JOB"}
 ALL_DOCUMENTS = frozenset({"*"})  # a whole-partition run covers every document
 IN_FLIGHT = [
     dg.DagsterRunStatus.NOT_STARTED,
@@ -114,14 +124,13 @@ IN_FLIGHT = [
 
 
 def _covered_since(instance: dg.DagsterInstance, since: float) -> dict[str, frozenset[str]]:
-    """Documents that pipeline runs in flight, or finished since `since`, take care of: what
-    the audit saw drifting there was work in progress (e.g. events), not lost work."""
-    from datetime import UTC, datetime
-
+    """Documents that pipeline runs in flight, or that succeeded since `since`, take care of:
+    what the audit saw drifting there was work in progress (e.g. events), not lost work."""
+    finished_since = datetime.fromtimestamp(since, tz=UTC)
     records = [
         *instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT)),
         *instance.get_run_records(
-            dg.RunsFilter(updated_after=datetime.fromtimestamp(since, tz=UTC))
+            dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS], updated_after=finished_since)
         ),
     ]
     covered: dict[str, frozenset[str]] = {}
@@ -137,14 +146,6 @@ def _covered_since(instance: dg.DagsterInstance, since: float) -> dict[str, froz
         elif covered.get(data_type) is not ALL_DOCUMENTS:
             covered[data_type] = covered.get(data_type, frozenset()) | frozenset(ids)
     return covered
-
-
-audit_repair_job = dg.define_asset_job(
-    "audit_repair_job",
-    selection=PIPELINE_SELECTION,
-    description="The four stages for the documents the scheduled audit found drifted.",
-    tags={"llm_twin/trigger": "audit-repair"},
-)
 
 
 @dg.run_status_sensor(
@@ -187,6 +188,3 @@ def audit_repair_sensor(context: dg.RunStatusSensorContext):
         )
         for data_type, ids in repair.items()
     ]
-
-
-PIPELINE_JOBS = {"feature_pipeline_job", WAREHOUSE_EVENTS_JOB, audit_repair_job.name, "__ASSET_JOB"}
