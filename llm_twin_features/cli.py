@@ -47,15 +47,8 @@ def _feature_store(settings: Settings):
     from llm_twin_features.stores.feature_store import open_feature_store
 
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-    waited = []
-
-    def on_wait(message: str) -> None:
-        if not waited:
-            _err(message)
-            waited.append(True)
-
     store = open_feature_store(
-        settings.qdrant_url, api_key, settings.resolved_data_dir, on_wait=on_wait
+        settings.qdrant_url, api_key, settings.resolved_data_dir, on_wait=_err
     )
     try:
         yield store
@@ -67,7 +60,7 @@ def _feature_store(settings: Settings):
 
 
 def read_documents(paths: Iterable[str]) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(location, document, error) per non-blank line; the document has `type` removed."""
+    """(file:line, document, error) per non-blank line; `_id` is filled in when missing."""
     for path in paths:
         with open(path, encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):

@@ -185,7 +185,7 @@ def open_feature_store(
                     f"{lock_timeout:.0f} s (a running pipeline run, `dagster dev` step or CLI); "
                     "retry when it is done, or set QDRANT_URL to use a Qdrant server"
                 ) from error
-            if on_wait:
+            if on_wait and delay == 0.2:  # say it once
                 on_wait(f"feature store {path} is in use by another process; waiting")
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
