@@ -447,7 +447,17 @@ def cmd_serve_models(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """The laptop stack: the model server, then `dagster dev` (UI, daemon, sensor)."""
+    import signal
+
     from llm_twin_features.local_stack import LocalStack
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a background job inherits SIGINT ignored, and SIGTERM should stop
+    # the children too.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
     home = prepare_dagster_home(settings)
     with LocalStack(settings, dagster_home=home, ui_port=args.port) as stack:

@@ -24,6 +24,10 @@ REPO_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
 BIN = Path(sys.executable).parent
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -71,6 +75,8 @@ class LocalStack:
             stdout=self.log,
             stderr=subprocess.STDOUT if self.log else None,
             start_new_session=True,  # Ctrl-C in the terminal reaches us; we stop the children
+            # A child of a background job would inherit SIGINT ignored, and could not be stopped.
+            preexec_fn=_default_sigint,
         )
         self.processes.append(process)
         return process

@@ -5,6 +5,8 @@ Deviations from the original (each covered by a test):
   `None` or non-text values are skipped (the original crashed on them);
 - non-ASCII letters are kept: text is Unicode-normalised (NFKC) instead of having every
   non-ASCII character dropped, so "café", "Straße" and "数据" survive;
+- more emoji are removed: the original's ranges missed newer blocks (🤔, 🧪), symbols and
+  dingbats (✅, ⭐) and the joiners inside emoji sequences;
 - the gaps left by removed emojis are tidied: runs of spaces inside a line become one space
   and trailing spaces go (leading indentation, which code needs, is kept).
 """
@@ -36,7 +38,11 @@ _UNITALIC = {
 }
 _EMOJI_AND_ARROWS = re.compile(
     "[\U0001f600-\U0001f64f\U0001f300-\U0001f5ff\U0001f680-\U0001f6ff\U0001f1e0-\U0001f1ff"
-    "\u2192\u2193\u21b3]+"
+    "\u2192\u2193\u21b3"
+    # Beyond the original's ranges: newer emoji blocks (🤔 🧪), symbols and dingbats (✅ ⭐),
+    # and the joiners/selectors that glue emoji sequences (1️⃣ keeps its digit).
+    "\U0001f900-\U0001f9ff\U0001fa70-\U0001faff\u2600-\u27bf\u2b50-\u2b55"
+    "\ufe0f\u20e3\u200d]+"
 )
 _URL = re.compile(r"https?://\S+|www\.\S+")
 # Control characters other than tab and newline (NFKC leaves them in place).
