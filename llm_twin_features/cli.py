@@ -212,7 +212,8 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
     home = prepare_dagster_home(settings)
     import dagster as dg
 
-    from llm_twin_features.assets import feature_assets
+    from llm_twin_features.assets import FEATURE_STORE_POOL, feature_assets
+    from llm_twin_features.dead_runs import release_dead_runs
     from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
 
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
@@ -230,6 +231,8 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
             if ids is not None:
                 scope = {"config": {"document_ids": ids}}
                 run_config["ops"] = {asset.key.path[-1]: scope for asset in feature_assets}
+            for run_id in release_dead_runs(instance, [FEATURE_STORE_POOL]):
+                _err(f"released the pool slot of run {run_id}: its process is gone")
             started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,

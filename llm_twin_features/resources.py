@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from llm_twin_features.dead_runs import owner_tags
 from llm_twin_features.settings import (
     BUNDLED_MODEL,
     DEFAULT_CODE_INSTRUCTION,
@@ -54,6 +55,13 @@ class FeatureStoreResource(dg.ConfigurableResource):
     qdrant_api_key: str = ""
     data_dir: str = ".data"
     lock_timeout_seconds: float = 600.0
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Records which process runs this run, so that a run killed outright can be found
+        and its pool slot released (see `dead_runs`)."""
+        run = getattr(context, "run", None)  # None outside runs (e.g. in a sensor)
+        if context.instance is not None and run is not None:
+            context.instance.add_run_tags(run.run_id, owner_tags())
 
     @contextmanager
     def open(self, log=None) -> Iterator[FeatureStore]:

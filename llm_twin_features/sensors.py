@@ -5,13 +5,14 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from llm_twin_features.assets import scoped_run_config
+from llm_twin_features.assets import FEATURE_STORE_POOL, scoped_run_config
 from llm_twin_features.checks import (
     PIPELINE_SELECTION,
     REPAIR_IDS_KEY,
     WAREHOUSE_AUDIT,
     audit_job,
 )
+from llm_twin_features.dead_runs import release_dead_runs
 from llm_twin_features.event_sync import Batch, SensorCursor, plan_tick
 from llm_twin_features.resources import EventBrokerResource
 from llm_twin_features.settings import Settings
@@ -57,6 +58,8 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
     ):
         started = time.monotonic()
         cursor = SensorCursor.loads(context.cursor)
+        for run_id in release_dead_runs(context.instance, [FEATURE_STORE_POOL]):
+            context.log.warning(f"released the pool slot of run {run_id}: its process is gone")
 
         def run_exists(run_key: str) -> bool:
             runs = context.instance.get_runs(
