@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
 
-    mongo_uri: str | None = None
+    mongo_uri: str | None = Field(default=None, repr=False)  # may hold a password
     mongo_database: str = "twin"
     features_database: str = "twin_features"
     qdrant_url: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,13 +99,24 @@ class _Session:
     def __enter__(self):
         self.connection = connect(self.config)
         try:
-            self.channel = self.connection.channel()
-            self.channel.confirm_delivery()
-            declare_topology(self.channel, self.config)
-        except pika.exceptions.AMQPError as error:
+            with self._broker_errors("declaring the queues"):
+                self.channel = self.connection.channel()
+                self.channel.confirm_delivery()
+                declare_topology(self.channel, self.config)
+        except BrokerUnavailable:
             self.close()
-            raise BrokerUnavailable(f"RabbitMQ at {self.config.address}: {error!r}") from error
+            raise
         return self
+
+    @contextlib.contextmanager
+    def _broker_errors(self, doing: str) -> Iterator[None]:
+        """Any broker failure (a dropped connection included) as one clear error."""
+        try:
+            yield
+        except pika.exceptions.AMQPError as error:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self.config.address}: {doing} failed: {error!r}"
+            ) from error
 
     def __exit__(self, *_: object) -> None:
         self.close()
@@ -118,7 +129,7 @@ class _Session:
         self.connection = None
 
     def _publish(self, exchange: str, routing_key: str, body: bytes, **properties: Any) -> None:
-        try:
+        with self._broker_errors("publishing"):
             self.channel.basic_publish(
                 exchange=exchange,
                 routing_key=routing_key,
@@ -130,10 +141,6 @@ class _Session:
                 ),
                 mandatory=True,
             )
-        except pika.exceptions.AMQPError as error:
-            raise BrokerUnavailable(
-                f"publish to {self.config.address} failed: {error!r}"
-            ) from error
 
 
 class EventPublisher(_Session):
@@ -168,22 +175,23 @@ class EventInbox(_Session):
         started = time.monotonic()
         deadline = started + time_budget
         quiet_until = started + min(wait, time_budget)
-        while len(deliveries) < max_events and time.monotonic() < deadline:
-            method, properties, body = self.channel.basic_get(self.config.queue, auto_ack=False)
-            if method is None:
-                if time.monotonic() >= quiet_until:
-                    break
-                self.connection.sleep(POLL_INTERVAL)  # keeps the connection serviced
-                continue
-            deliveries.append(
-                Delivery(method.delivery_tag, body, method.redelivered, properties.headers or {})
-            )
-            quiet_until = time.monotonic() + settle
+        with self._broker_errors("reading events"):
+            while len(deliveries) < max_events and time.monotonic() < deadline:
+                method, properties, body = self.channel.basic_get(self.config.queue, auto_ack=False)
+                if method is None:
+                    if time.monotonic() >= quiet_until:
+                        break
+                    self.connection.sleep(POLL_INTERVAL)  # keeps the connection serviced
+                    continue
+                headers = properties.headers or {}
+                deliveries.append(Delivery(method.delivery_tag, body, method.redelivered, headers))
+                quiet_until = time.monotonic() + settle
         return deliveries
 
     def ack(self, delivery_tags: Iterable[int]) -> None:
-        for tag in delivery_tags:
-            self.channel.basic_ack(tag)
+        with self._broker_errors("acking"):
+            for tag in delivery_tags:
+                self.channel.basic_ack(tag)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Moves a poison message to the dead-letter queue with its reason, then acks it."""
@@ -191,7 +199,9 @@ class EventInbox(_Session):
         self._publish(
             self.config.dead_letter_exchange, self.config.queue, delivery.body, headers=headers
         )
-        self.channel.basic_ack(delivery.delivery_tag)
+        self.ack([delivery.delivery_tag])
 
     def depth(self) -> int:
-        return self.channel.queue_declare(self.config.queue, passive=True).method.message_count
+        with self._broker_errors("reading the queue depth"):
+            declared = self.channel.queue_declare(self.config.queue, passive=True)
+        return declared.method.message_count
