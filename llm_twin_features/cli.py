@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -219,7 +220,21 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
     failed = []
     total = len(scopes)
+    stop_reaper = threading.Event()
+
+    def reap() -> None:
+        """A run blocks on a pool slot that a killed run still holds: free such slots, now
+        and every few seconds while the runs go on."""
+        with dg.DagsterInstance.from_config(str(home)) as own:
+            while True:
+                for run_id in release_dead_runs(own, [FEATURE_STORE_POOL]):
+                    _err(f"released the pool slot of run {run_id}: its process is gone")
+                if stop_reaper.wait(5):
+                    return
+
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        # Started once the instance (and its tables) exist: the reaper opens its own.
+        threading.Thread(target=reap, daemon=True, name="dead-run-reaper").start()
         print(f"{trigger}: {', '.join(scopes)} through the Dagster instance at {home}")
         for number, (data_type, ids) in enumerate(scopes.items(), start=1):
             what = "whole partition" if ids is None else f"{len(ids)} documents"
@@ -231,8 +246,6 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
             if ids is not None:
                 scope = {"config": {"document_ids": ids}}
                 run_config["ops"] = {asset.key.path[-1]: scope for asset in feature_assets}
-            for run_id in release_dead_runs(instance, [FEATURE_STORE_POOL]):
-                _err(f"released the pool slot of run {run_id}: its process is gone")
             started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,
@@ -248,6 +261,7 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
                 continue
             summary = _materialization_summary(result)
             print(f"[{number}/{total}] {data_type}: done in {seconds:.1f} s: {summary}")
+    stop_reaper.set()
     if failed:
         _err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI")
         return 1

@@ -34,6 +34,9 @@ class ModelServiceUnavailable(RuntimeError):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a run makes many small tokenize calls
+    # Headers and body leave in two writes: without TCP_NODELAY each small reply waits ~40 ms
+    # for the client's delayed ACK (Nagle), which made chunking through the server crawl.
+    disable_nagle_algorithm = True
     encode_lock = threading.Lock()  # one encode at a time: torch already uses every core
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -94,7 +94,7 @@ class Embedder:
     def dimension(self) -> int:
         return int(self.model.get_embedding_dimension())
 
-    @property
+    @cached_property
     def max_text_tokens(self) -> int:
         """Text tokens that fit in one input, leaving room for special and instruction tokens."""
         reserved = len(self.model.tokenizer(self.instruction or "")["input_ids"])
