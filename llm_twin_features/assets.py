@@ -10,6 +10,7 @@ from pydantic import Field
 
 from llm_twin_features import pipeline
 from llm_twin_features.audit import AuditReport, audit
+from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
 from llm_twin_features.partitions import data_type_partitions
 from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
 
@@ -122,7 +123,7 @@ def chunked_documents(
     feature_store: FeatureStoreResource,
     embedding: EmbeddingResource,
 ) -> dg.MaterializeResult:
-    embedder = pipeline.embedder_for(context.partition_key, embedding.settings())
+    embedder = EmbeddingDispatcher.embedder(context.partition_key, embedding.settings())
     with warehouse.open() as state, feature_store.open(context.log) as store:
         report = pipeline.chunk_documents(
             state, store, context.partition_key, embedder, config.document_ids, context.log.info
@@ -161,7 +162,7 @@ def embedded_chunks(
     feature_store: FeatureStoreResource,
     embedding: EmbeddingResource,
 ) -> dg.MaterializeResult:
-    embedder = pipeline.embedder_for(context.partition_key, embedding.settings())
+    embedder = EmbeddingDispatcher.embedder(context.partition_key, embedding.settings())
     with warehouse.open() as state, feature_store.open(context.log) as store:
         report = pipeline.embed_chunks(
             state, store, context.partition_key, embedder, config.document_ids, context.log.info

@@ -16,7 +16,7 @@ from llm_twin_features.assets import (
     feature_assets,
 )
 from llm_twin_features.audit import audit
-from llm_twin_features.pipeline import embedder_for
+from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
 from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
 from llm_twin_features.settings import DATA_TYPES
 
@@ -48,7 +48,7 @@ def warehouse_audit(
     repair: dict[str, list[str]] = {}
     with warehouse.open() as state, feature_store.open(context.log) as store:
         for data_type in DATA_TYPES:
-            embedder = embedder_for(data_type, settings)
+            embedder = EmbeddingDispatcher.embedder(data_type, settings)
             report = audit(state, store, data_type, embedder, warehouse.max_document_chars)
             metadata[data_type] = dg.MetadataValue.json(
                 {**report.counts(), "examples": report.examples()}

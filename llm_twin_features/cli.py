@@ -343,7 +343,7 @@ def _print_hits(query: str, hits: list, as_json: bool) -> None:
 
 def _audits(settings: Settings, data_types: list[str]) -> list:
     from llm_twin_features.audit import audit
-    from llm_twin_features.pipeline import embedder_for
+    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
 
     with _warehouse(settings) as warehouse, _feature_store(settings) as store:
         return [
@@ -351,7 +351,7 @@ def _audits(settings: Settings, data_types: list[str]) -> list:
                 warehouse,
                 store,
                 data_type,
-                embedder_for(data_type, settings),
+                EmbeddingDispatcher.embedder(data_type, settings),
                 settings.max_document_chars,
             )
             for data_type in data_types

@@ -23,7 +23,6 @@ from qdrant_client import models as qm
 from llm_twin_features.domain.dispatchers import (
     ChunkingDispatcher,
     CleaningDispatcher,
-    EmbeddingDispatcher,
 )
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import (
@@ -36,7 +35,6 @@ from llm_twin_features.domain.models import (
     RawDocument,
     document_point_id,
 )
-from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
     cleaned_collection,
@@ -411,7 +409,3 @@ def embed_chunks(
         f"({report.seconds:.1f} s, model {model_id})"
     )
     return report
-
-
-def embedder_for(data_type: str, settings: Settings) -> Embedder:
-    return EmbeddingDispatcher.embedder(data_type, settings)
