@@ -131,11 +131,15 @@ def chunked_documents(
     return dg.MaterializeResult(metadata=_metadata(report, config.document_ids))
 
 
-def _check_result(report: AuditReport) -> dg.AssetCheckResult:
+def _check_result(report: AuditReport, scope: list[str] | None) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name=IN_SYNC_CHECK,
         passed=report.in_sync,
-        metadata={**report.counts(), "examples": dg.MetadataValue.json(report.examples())},
+        metadata={
+            "scope": "whole partition" if scope is None else f"the run's {len(scope)} documents",
+            **report.counts(),
+            "examples": dg.MetadataValue.json(report.examples()),
+        },
     )
 
 
@@ -151,7 +155,9 @@ def _check_result(report: AuditReport) -> dg.AssetCheckResult:
             IN_SYNC_CHECK,
             asset="embedded_chunks",
             description="Every valid warehouse document has a current cleaned point and at "
-            "least one vector, built by the configured model; no orphan points.",
+            "least one vector, built by the configured model; no orphan points. Checks the "
+            "run's documents (all of the partition for a whole-partition run); the scheduled "
+            "warehouse_audit checks every partition in full.",
         )
     ],
 )
@@ -167,8 +173,15 @@ def embedded_chunks(
         report = pipeline.embed_chunks(
             state, store, context.partition_key, embedder, config.document_ids, context.log.info
         )
-        drift = audit(state, store, context.partition_key, embedder, warehouse.max_document_chars)
-        check = _check_result(drift)
+        drift = audit(
+            state,
+            store,
+            context.partition_key,
+            embedder,
+            warehouse.max_document_chars,
+            scope=config.document_ids,
+        )
+        check = _check_result(drift, config.document_ids)
     return dg.MaterializeResult(
         metadata=_metadata(report, config.document_ids), check_results=[check]
     )

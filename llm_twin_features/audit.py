@@ -75,10 +75,13 @@ def audit(
     data_type: str,
     embedder: Embedder,
     max_chars: int = DEFAULT_MAX_DOCUMENT_CHARS,
+    scope: list[str] | None = None,
 ) -> AuditReport:
+    """Drift of the whole data type, or of the documents in `scope` only (what a run scoped
+    to those documents touched: its cost stays independent of the partition's size)."""
     report = AuditReport(data_type)
     fingerprints: dict[str, str] = {}  # the documents that must have features
-    for document in warehouse.documents(data_type).find():
+    for document in warehouse.documents(data_type).find(scope):
         report.warehouse_documents += 1
         try:
             fingerprints[str(document["_id"])] = admit(data_type, document, max_chars).fingerprint()
@@ -92,20 +95,20 @@ def audit(
         del fingerprints[entry_id]
 
     cleaned: dict[str, dict] = {}
-    for point in store.points(cleaned_collection(data_type)):
+    for point in store.points(cleaned_collection(data_type), scope):
         payload = point.payload or {}
         cleaned[payload.get("document_id", "")] = payload
     report.cleaned_points = len(cleaned)
     expected_chunks: dict[str, set[tuple[int, str]]] = {
         d["_id"]: {(c["chunk_index"], c["chunk_id"]) for c in d.get("chunks", [])}
-        for d in warehouse.chunk_state(data_type).find(fields=["chunks"])
+        for d in warehouse.chunk_state(data_type).find(scope, fields=["chunks"])
     }
     report.chunks = sum(len(c) for c in expected_chunks.values())
 
     vectors: dict[str, set[tuple[int, str]]] = defaultdict(set)
     vector_hashes: dict[str, set[str]] = defaultdict(set)
     wrong_model: set[str] = set()
-    for point in store.points(vector_collection(data_type)):
+    for point in store.points(vector_collection(data_type), scope):
         payload = point.payload or {}
         document_id = payload.get("document_id", "")
         vectors[document_id].add((payload.get("chunk_index"), payload.get("chunk_id")))

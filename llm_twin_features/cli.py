@@ -448,11 +448,18 @@ def cmd_serve_models(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
+    from llm_twin_features.domain.embedding import encode_workers
     from llm_twin_features.model_server import serve
 
     models = [settings.embedding_model, settings.code_embedding_model]
     print(f"loading {', '.join(dict.fromkeys(models))}", flush=True)
-    server = serve(args.host, args.port, preload=models)
+    server = serve(
+        args.host,
+        args.port,
+        preload=models,
+        batch_size=settings.embedding_batch_size,
+        workers=encode_workers(settings.embedding_workers),
+    )
     print(f"model server on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

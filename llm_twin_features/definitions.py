@@ -56,6 +56,8 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             ),
             code_query_instruction=_env("CODE_QUERY_INSTRUCTION", defaults.code_query_instruction),
             service_url=_env("EMBEDDING_SERVICE_URL", ""),
+            batch_size=defaults.embedding_batch_size,
+            workers=defaults.embedding_workers,
         ),
         "event_broker": EventBrokerResource(
             host=_env("RABBITMQ_HOST", defaults.rabbitmq_host),

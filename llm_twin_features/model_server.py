@@ -37,7 +37,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body leave in two writes: without TCP_NODELAY each small reply waits ~40 ms
     # for the client's delayed ACK (Nagle), which made chunking through the server crawl.
     disable_nagle_algorithm = True
-    encode_lock = threading.Lock()  # one encode at a time: torch already uses every core
+    encode_lock = threading.Lock()  # one encode at a time: each uses every core
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
@@ -59,7 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": f"no route {self.path}"})
 
     def do_POST(self) -> None:
-        from llm_twin_features.domain.embedding import load_local_model
+        from llm_twin_features.domain.embedding import encode, load_local_model
 
         try:
             request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
@@ -90,13 +90,12 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             elif self.path == "/embed":
                 with self.encode_lock:
-                    vectors = model.encode(
+                    vectors = encode(
+                        model,
                         request["texts"],
-                        prompt=request.get("prompt"),
-                        batch_size=int(request.get("batch_size", 64)),
-                        normalize_embeddings=True,
-                        show_progress_bar=False,
-                        convert_to_numpy=True,
+                        request.get("prompt"),
+                        self.server.encode_batch_size,  # type: ignore[attr-defined]
+                        self.server.encode_workers,  # type: ignore[attr-defined]
                     )
                 self._reply(200, {"vectors": vectors.tolist()})
             else:
@@ -106,14 +105,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(500, {"error": f"{type(error).__name__}: {error}"})
 
 
-def serve(host: str, port: int, preload: list[str]) -> ThreadingHTTPServer:
-    """Loads `preload` models, then returns a started server (call `shutdown()` to stop)."""
+def serve(
+    host: str, port: int, preload: list[str], batch_size: int = 16, workers: int = 1
+) -> ThreadingHTTPServer:
+    """Loads `preload` models, then returns a started server (call `shutdown()` to stop).
+
+    The server batches as its own settings say, not as clients ask: it knows its device."""
     from llm_twin_features.domain.embedding import load_local_model
 
     for model_id in dict.fromkeys(preload):
         model = load_local_model(model_id)
         model.encode(["warm-up"], show_progress_bar=False)
     server = ThreadingHTTPServer((host, port), _Handler)
+    server.encode_batch_size = batch_size  # type: ignore[attr-defined]
+    server.encode_workers = workers  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True, name="model-server").start()
     return server
 
@@ -180,8 +185,7 @@ class RemoteModel:
     def get_embedding_dimension(self) -> int:
         return self._dimension
 
-    def encode(
-        self, texts: list[str], prompt: str | None = None, batch_size: int = 64, **_: Any
-    ) -> np.ndarray:
-        reply = self.call("/embed", {"texts": texts, "prompt": prompt, "batch_size": batch_size})
+    def encode(self, texts: list[str], prompt: str | None = None, **_: Any) -> np.ndarray:
+        """Batch size and workers are the server's (see `serve`)."""
+        reply = self.call("/embed", {"texts": texts, "prompt": prompt})
         return np.asarray(reply["vectors"], dtype=np.float32)

@@ -65,7 +65,9 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
     @contextmanager
     def open(self, log=None) -> Iterator[FeatureStore]:
-        """Open for one step only: local mode admits one process per folder."""
+        """Open for one step only: local mode admits one process per folder, and a run that
+        kept it between its steps would deadlock with another run holding the `feature_store`
+        pool slot while it waits for the folder (a CLI backfill beside `dagster dev`)."""
         store = open_feature_store(
             self.qdrant_url or None,
             self.qdrant_api_key or None,
@@ -86,7 +88,8 @@ class EmbeddingResource(dg.ConfigurableResource):
     code_embedding_model: str = BUNDLED_MODEL
     code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
     code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
-    batch_size: int = 64
+    batch_size: int = 16
+    workers: int = Field(default=0, description="parallel encode workers on a CPU; 0: per core")
     service_url: str = Field(default="", description="model server URL; empty: load in-process")
 
     def settings(self) -> Settings:
@@ -96,6 +99,7 @@ class EmbeddingResource(dg.ConfigurableResource):
             code_embedding_instruction=self.code_embedding_instruction,
             code_query_instruction=self.code_query_instruction,
             embedding_batch_size=self.batch_size,
+            embedding_workers=self.workers,
             embedding_service_url=self.service_url or None,
         )
 

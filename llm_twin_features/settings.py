@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     code_embedding_model: str = BUNDLED_MODEL
     code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
     code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
-    embedding_batch_size: int = 64
+    # Texts per encode batch: 16 is fastest on a CPU (less padding); a GPU wants 64-256.
+    embedding_batch_size: int = 16
+    # Parallel encode workers (one torch thread each) for a local model on a CPU; 0: one per
+    # core, at most 8. A GPU or the model server's clients ignore it.
+    embedding_workers: int = Field(default=0, ge=0)
     # The scheduled audit (cron) and how many drifted ids of a type one repair run takes.
     audit_cron: str = "*/10 * * * *"
     audit_repair_cap: int = 500

@@ -178,3 +178,22 @@ def test_repair_skips_documents_that_runs_since_the_audit_cover(backfilled):
     requests = {r.partition_key: r for r in defs.resolve_sensor_def("audit_repair_sensor")(context)}
     scope = requests["articles"].run_config["ops"]["raw_documents"]["config"]["document_ids"]
     assert drift["stale"] not in scope and drift["missing"] in scope
+
+
+def test_a_scoped_audit_looks_at_its_documents_only(backfilled):
+    """The in-asset check of an event run audits the run's documents, not the partition."""
+    from llm_twin_features.audit import audit
+    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+
+    drift = make_drift()
+    settings = Settings()
+    embedder = EmbeddingDispatcher.embedder("articles", settings)
+    clean = [i for i in article_ids() if i not in drift.values() and not i.startswith("invalid-")]
+    with cli._warehouse(settings) as warehouse, cli._feature_store(settings) as store:
+        whole = audit(warehouse, store, "articles", embedder)
+        others = audit(warehouse, store, "articles", embedder, scope=clean[:3])
+        pair = [drift["missing"], "ghost-article"]
+        one = audit(warehouse, store, "articles", embedder, scope=pair)
+    assert set(whole.drifted_ids) == set(drift.values())
+    assert others.in_sync and others.warehouse_documents == 3
+    assert one.drift == {"missing": [drift["missing"]], "orphans": ["ghost-article"]}

@@ -71,7 +71,10 @@ TEST_SECRETS = {
     "DOCKER_GID": "998",
 }
 # Settings the stack leaves at their defaults, and why.
-STACK_DEFAULTS = {"EMBEDDING_BATCH_SIZE": "the code default (64) suits the stack"}
+STACK_DEFAULTS = {
+    "EMBEDDING_BATCH_SIZE": "the code default (16) suits a CPU; the GPU overlay sets its own",
+    "EMBEDDING_WORKERS": "the code default (one per core) suits a CPU; a GPU ignores it",
+}
 
 
 # --- helpers ------------------------------------------------------------------------------------

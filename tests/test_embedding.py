@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from llm_twin_features.domain.embedding import Embedder, load_model, resolve_model_path
+from llm_twin_features.domain.embedding import (
+    Embedder,
+    encode_workers,
+    load_model,
+    resolve_model_path,
+)
 from llm_twin_features.settings import BUNDLED_MODEL
 
 INSTRUCTION = "Represent the code snippet for retrieval:"
@@ -98,6 +103,22 @@ def test_batched_encoding_matches_one_by_one():
     assert batched.shape == (9, 384)
     assert np.allclose(batched, single, atol=1e-5)
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+
+
+def test_parallel_workers_give_the_same_vectors_in_the_same_order():
+    sentence = "parallel encode workers share the model. "
+    texts = [f"Text {i}: " + sentence * (i % 7 + 1) for i in range(40)]
+    single = np.array(Embedder(BUNDLED_MODEL, batch_size=4, workers=1).embed(texts))
+    threads = torch.get_num_threads()
+    parallel = np.array(Embedder(BUNDLED_MODEL, batch_size=4, workers=3).embed(texts))
+    assert parallel.shape == single.shape == (40, 384)
+    assert np.allclose(parallel, single, atol=1e-5)
+    assert torch.get_num_threads() == threads  # the process keeps its torch threads
+
+
+def test_encode_workers_default_to_the_usable_cores():
+    assert encode_workers(3) == 3
+    assert 1 <= encode_workers(0) <= 8
 
 
 def test_bundled_model_resolves_to_a_local_directory():

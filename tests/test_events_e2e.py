@@ -10,6 +10,7 @@ import json
 import tempfile
 import time
 
+import dagster as dg
 import pytest
 
 from llm_twin_features import cli
@@ -36,6 +37,7 @@ def test_update_and_delete_reach_search_and_status(data_dir, broker, tmp_path, m
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))  # the CLI backfill uses the stack's instance
+    monkeypatch.setenv("AUDIT_CRON", "0 0 1 1 *")  # no scheduled audit run in the way
     (home / "dagster.yaml").write_text(cli.REPO_DAGSTER_YAML.read_text())
     settings = Settings()
     log_path = tmp_path / "stack.log"
@@ -82,6 +84,15 @@ def test_update_and_delete_reach_search_and_status(data_dir, broker, tmp_path, m
                 pytest.fail(f"not applied within {TIMEOUT} s; see {log_path.read_text()[-3000:]}")
             assert top["document_id"] == UPDATED
             assert posts["warehouse"] == 31 and posts["orphans"] == 0
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                runs = instance.get_runs(dg.RunsFilter(tags={"llm_twin/trigger": "events"}))
+                queued = [
+                    run.run_id
+                    for run in runs
+                    if instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_ENQUEUED)
+                ]
+            # Nothing else was running: the event run started at once (run_coordinator.py).
+            assert runs and not queued
             processes = list(stack.processes)
     assert all(p.poll() is not None for p in processes)  # stopped with SIGINT
     assert "warehouse_events_sensor" in log_path.read_text()

@@ -620,7 +620,12 @@ def test_connections_dropped_while_events_flow_lose_no_event(data_dir, broker, m
                 if not loop.in_tick.wait(60):
                     return
                 time.sleep(0.3)  # the tick is draining (or long-polling) by now
-                drops.append((time.monotonic(), drop_connections([os.getpid()], broker.port)))
+                for _ in range(10):  # a short tick may have closed its connection already
+                    closed = drop_connections([os.getpid()], broker.port)
+                    if closed:
+                        break
+                    time.sleep(0.2)
+                drops.append((time.monotonic(), closed))
                 time.sleep(1.0)
 
         threads = [
@@ -670,19 +675,28 @@ def test_a_connection_dropped_mid_tick_skips_the_tick_with_a_clear_message(
     """Fault: the broker closes the sensor's connection while the tick long-polls an empty
     queue. Must hold (README: "If RabbitMQ is down the tick is skipped with a clear message"):
     the tick returns a skip reason naming RabbitMQ rather than raising."""
-    monkeypatch.setenv("SENSOR_LONG_POLL_SECONDS", "3")
+    # A long poll well past the time the drop takes (rabbitmqctl needs ~1 s a call): the drop
+    # must land while the tick waits, however slow the machine; it ends the poll early.
+    monkeypatch.setenv("SENSOR_LONG_POLL_SECONDS", "8")
+    closed: list[int] = []
     with dg.instance_for_test() as instance:
         loop = SensorLoop(instance)
 
         def drop() -> None:
-            if loop.in_tick.wait(30):
-                time.sleep(1.0)
-                drop_connections([os.getpid()], broker.port)
+            if not loop.in_tick.wait(30):
+                return
+            time.sleep(0.5)
+            while loop.in_tick.is_set() and not closed:  # until the tick's connection is open
+                if count := drop_connections([os.getpid()], broker.port):
+                    closed.append(count)
+                else:
+                    time.sleep(0.2)
 
         dropper = threading.Thread(target=drop, daemon=True)
         dropper.start()
         result = loop.tick()
         dropper.join(30)
+    assert closed, "the fault was not injected: no connection was open during the tick"
     assert not loop.failed_ticks, loop.failed_ticks
     assert result is not None and "RabbitMQ" in (result.skip_message or "")
 

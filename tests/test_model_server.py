@@ -1,6 +1,7 @@
 """The model server and its client: same tokens and vectors as the in-process model."""
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ TEXTS = ["Qdrant stores the vectors.", "MongoDB keeps the raw documents; RabbitM
 @pytest.fixture(scope="module")
 def url():
     port = free_port()
-    server = serve("127.0.0.1", port, preload=[BUNDLED_MODEL])
+    server = serve("127.0.0.1", port, preload=[BUNDLED_MODEL], batch_size=4, workers=2)
     yield f"http://127.0.0.1:{port}"
     server.shutdown()
 
@@ -61,3 +62,23 @@ def test_unreachable_server_falls_back_to_a_local_model(caplog):
     assert model is load_local_model(BUNDLED_MODEL)
     assert "unreachable" in caplog.text
     assert "loading bundled:all-MiniLM-L6-v2 in this process" in caplog.text
+
+
+def test_concurrent_tokenize_and_embed_requests_all_succeed(url):
+    """A run's tokenize calls arrive while another run's embed (two encode workers) is
+    tokenizing: older fast tokenizers raised "Already borrowed" when two threads used one at
+    once (huggingface/tokenizers#537); the pinned ones must not."""
+    text = "Chunks are cut by the model's own tokenizer, then embedded in batches. " * 20
+
+    def tokenize(_: int) -> int:
+        client = RemoteModel(url, BUNDLED_MODEL)
+        return sum(len(client.tokenizer([text] * 8)["input_ids"]) for _ in range(20))
+
+    def embed(_: int) -> int:
+        return len(RemoteModel(url, BUNDLED_MODEL).encode([text] * 24))
+
+    with ThreadPoolExecutor(8) as pool:
+        tokenized = [pool.submit(tokenize, i) for i in range(6)]
+        embedded = [pool.submit(embed, i) for i in range(2)]
+        assert [f.result() for f in tokenized] == [160] * 6
+        assert [f.result() for f in embedded] == [24, 24]

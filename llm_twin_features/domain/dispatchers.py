@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 
 from llm_twin_features.domain.chunking import ChunkingConfig, TokenWindow, chunk_text, signature
 from llm_twin_features.domain.cleaning import clean_content, clean_repository_content
-from llm_twin_features.domain.embedding import Embedder
+from llm_twin_features.domain.embedding import Embedder, encode_workers
 from llm_twin_features.domain.models import (
     ArticleChunked,
     ArticleCleaned,
@@ -175,6 +175,7 @@ class EmbeddingHandler:
             None,
             settings.embedding_batch_size,
             settings.embedding_service_url,
+            encode_workers(settings.embedding_workers),
         )
 
     def query_instruction(self, settings: Settings) -> str | None:
@@ -204,6 +205,7 @@ class RepositoryEmbeddingHandler(EmbeddingHandler):
             settings.code_embedding_instruction,
             settings.embedding_batch_size,
             settings.embedding_service_url,
+            encode_workers(settings.embedding_workers),
         )
 
     def query_instruction(self, settings: Settings) -> str | None:

@@ -11,6 +11,7 @@ go, and callers close the store as soon as their step ends.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -49,6 +50,7 @@ class FeatureStore:
     def __init__(self, client: QdrantClient, local: bool) -> None:
         self.client = client
         self.local = local
+        self._tuned: set[str] = set()  # local collections whose SQLite file is in WAL mode
 
     # --- collections ---------------------------------------------------------------------------
 
@@ -139,18 +141,46 @@ class FeatureStore:
     # --- writes --------------------------------------------------------------------------------
 
     def upsert(self, collection: str, points: list[models.PointStruct]) -> None:
+        self._before_write(collection)
         for start in range(0, len(points), UPSERT_BATCH):
             self.client.upsert(collection, points=points[start : start + UPSERT_BATCH], wait=True)
 
     def delete_points(self, collection: str, point_ids: Iterable[str]) -> None:
         ids = list(point_ids)
         if ids and self.exists(collection):
+            self._before_write(collection)
             self.client.delete(
                 collection, points_selector=models.PointIdsList(points=ids), wait=True
             )
 
+    def _before_write(self, collection: str) -> None:
+        if self.local and collection not in self._tuned:
+            self._tuned.add(collection)
+            _write_ahead_log(self.client, collection)
+
     def close(self) -> None:
         self.client.close()
+
+
+def local_storage(client: QdrantClient, collection: str) -> sqlite3.Connection | None:
+    """The SQLite connection a local-mode collection persists its points through (None when
+    qdrant-client's internals differ from what this expects)."""
+    collections = getattr(getattr(client, "_client", None), "collections", {})
+    storage = getattr(collections.get(collection), "storage", None)
+    connection = getattr(storage, "storage", None)
+    return connection if isinstance(connection, sqlite3.Connection) else None
+
+
+def _write_ahead_log(client: QdrantClient, collection: str) -> None:
+    """Local mode commits every point on its own, and each commit waits for the disk (about
+    1 ms a point here, most of a write). In WAL mode with synchronous=NORMAL, SQLite's
+    recommended setting for WAL, a commit survives a crash of the process without waiting
+    for the disk (the last commits can be lost if the machine itself fails; the audit
+    repairs that from the warehouse): writes run about 5x faster."""
+    connection = local_storage(client, collection)
+    if connection is not None:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def open_feature_store(
