@@ -11,10 +11,12 @@ import tempfile
 import time
 
 import dagster as dg
+import psutil
 import pytest
 
 from llm_twin_features import cli
 from llm_twin_features.local_stack import LocalStack, free_port
+from llm_twin_features.run_launcher import LAUNCHED_BY_TAG, PRESTARTED
 from llm_twin_features.settings import Settings
 
 from .conftest import SAMPLE_CORPUS
@@ -29,6 +31,37 @@ def run_cli(*argv: str) -> str:
     with contextlib.redirect_stdout(out):
         assert cli.main(list(argv)) == 0
     return out.getvalue()
+
+
+def wait_until_applied(query: str, word: str, cleaned: int, since: float, log) -> tuple[dict, dict]:
+    """Until one of the top 3 posts for `query` contains `word` and posts are in sync with
+    `cleaned` points; that hit and the posts' status."""
+    deadline = since + TIMEOUT
+    while time.monotonic() < deadline:
+        status = {
+            row["type"]: row for row in map(json.loads, run_cli("status", "--json").splitlines())
+        }
+        found = run_cli("search", query, "--type", "posts", "--json", "--limit", "3")
+        hits = [hit for hit in map(json.loads, found.splitlines()) if word in hit["text"]]
+        posts = status["posts"]
+        if hits and posts["cleaned"] == cleaned and posts["in_sync"]:
+            return hits[0], posts
+        time.sleep(1)
+    pytest.fail(f"{word!r} not applied within {TIMEOUT} s; see {log.read_text()[-3000:]}")
+
+
+def prestarted_processes(dagster_home) -> list[psutil.Process]:
+    """The run processes that the stack's launcher started (ready or running)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "llm_twin_features.run_worker" in (process.info["cmdline"] or []) and (
+                process.environ().get("DAGSTER_HOME") == str(dagster_home)
+            ):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
 
 
 @pytest.mark.e2e
@@ -59,31 +92,27 @@ def test_update_and_delete_reach_search_and_status(data_dir, broker, tmp_path, m
             run_cli("ingest", handle.name)
             run_cli("delete", DELETED, "--type", "posts")
 
-            deadline = published + TIMEOUT
-            while time.monotonic() < deadline:
-                status = {
-                    row["type"]: row
-                    for row in map(json.loads, run_cli("status", "--json").splitlines())
-                }
-                top = json.loads(
-                    run_cli(
-                        "search",
-                        "axolotl benchmark postscript",
-                        "--type",
-                        "posts",
-                        "--json",
-                        "--limit",
-                        "1",
-                    )
-                )
-                posts = status["posts"]
-                if "axolotl" in top["text"] and posts["cleaned"] == 29 and posts["in_sync"]:
-                    break
-                time.sleep(1)
-            else:
-                pytest.fail(f"not applied within {TIMEOUT} s; see {log_path.read_text()[-3000:]}")
+            top, posts = wait_until_applied(
+                "axolotl benchmark postscript", "axolotl", cleaned=29, since=published, log=log_path
+            )
             assert top["document_id"] == UPDATED
             assert posts["warehouse"] == 31 and posts["orphans"] == 0
+
+            # Once the first event run has gone, the next one's process is already waiting.
+            text += "\n\nSecond postscript: the narwhal results."
+            with open(handle.name, "w") as rewritten:
+                rewritten.write(json.dumps({**post, "type": "posts", "content": {"text": text}}))
+            published = time.monotonic()
+            run_cli("ingest", handle.name)
+            top, posts = wait_until_applied(
+                "narwhal results second postscript",
+                "narwhal",
+                cleaned=29,
+                since=published,
+                log=log_path,
+            )
+            assert top["document_id"] == UPDATED
+
             with dg.DagsterInstance.from_config(str(home)) as instance:
                 runs = instance.get_runs(dg.RunsFilter(tags={"llm_twin/trigger": "events"}))
                 queued = [
@@ -91,8 +120,14 @@ def test_update_and_delete_reach_search_and_status(data_dir, broker, tmp_path, m
                     for run in runs
                     if instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_ENQUEUED)
                 ]
-            # Nothing else was running: the event run started at once (run_coordinator.py).
+            # Nothing else was running: the event runs started at once (run_coordinator.py),
+            # the last one in a process started ahead of time (run_launcher.py).
             assert runs and not queued
+            assert runs[0].tags.get(LAUNCHED_BY_TAG) == PRESTARTED, runs[0].tags
+            assert runs[0].status == dg.DagsterRunStatus.SUCCESS
             processes = list(stack.processes)
+            workers = prestarted_processes(home)
+            assert workers  # the one waiting for the next run
     assert all(p.poll() is not None for p in processes)  # stopped with SIGINT
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert "warehouse_events_sensor" in log_path.read_text()

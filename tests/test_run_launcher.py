@@ -1,0 +1,175 @@
+"""The laptop's run launcher (llm_twin_features/run_launcher.py) on a real instance: runs go to
+a process started ahead of time, the usual code-server launch takes over when that process
+cannot run the code as it is now, termination cancels, and no ready process outlives its
+launcher. The daemon's use of it is exercised by tests/test_events_e2e.py."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.origin import JobPythonOrigin
+from dagster._core.test_utils import poll_for_finished_run, poll_for_step_start
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import ModuleTarget
+from dagster._serdes import serialize_value
+
+from llm_twin_features import cli
+from llm_twin_features.dead_runs import PID_TAG
+from llm_twin_features.run_launcher import (
+    LAUNCHED_BY_TAG,
+    PRESTARTED,
+    PrestartedProcessRunLauncher,
+)
+
+MODULE = "prestarted_code_location"
+LAUNCHER = {"module": "llm_twin_features.run_launcher", "class": "PrestartedProcessRunLauncher"}
+
+
+@pytest.fixture
+def location(tmp_path, monkeypatch) -> Path:
+    """The test code location, copied: tests edit its file."""
+    directory = tmp_path / "location"
+    directory.mkdir()
+    shutil.copy(Path(__file__).with_name(f"{MODULE}.py"), directory / f"{MODULE}.py")
+    monkeypatch.setenv("PRESTARTED_JOBS_IMPORTED", str(tmp_path / "imported"))
+    return directory
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test(overrides={"run_launcher": LAUNCHER}) as instance:
+        yield instance
+
+
+def repository(location: Path) -> ReconstructableRepository:
+    return ReconstructableRepository.for_module(MODULE, "defs", working_directory=str(location))
+
+
+def create_run(instance, location: Path, job_name: str, **kwargs) -> dg.DagsterRun:
+    repo = repository(location)
+    return instance.create_run_for_job(
+        job_def=repo.get_definition().get_job(job_name),
+        job_code_origin=JobPythonOrigin(job_name, repo.get_python_origin()),
+        **kwargs,
+    )
+
+
+def marker_run(instance, location: Path, pid_file: Path, **kwargs) -> dg.DagsterRun:
+    config = {"ops": {"write_pid": {"config": {"path": str(pid_file)}}}}
+    return create_run(instance, location, "marker_job", run_config=config, **kwargs)
+
+
+def ready_pid(launcher: PrestartedProcessRunLauncher) -> int:
+    (ready,) = launcher._ready.values()
+    return ready.pid
+
+
+def wait_for_import(marker: Path, pid: int, timeout: float = 120) -> None:
+    """Until process `pid` has imported the code location."""
+    deadline = time.monotonic() + timeout
+    while not (marker.exists() and marker.read_text() == str(pid)):
+        assert time.monotonic() < deadline, "the prestarted process never imported the location"
+        time.sleep(0.1)
+
+
+def test_the_laptop_instance_uses_it(tmp_path):
+    (tmp_path / "dagster.yaml").write_text(cli.REPO_DAGSTER_YAML.read_text())
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert isinstance(instance.run_launcher, PrestartedProcessRunLauncher)
+
+
+def test_runs_go_to_a_process_started_ahead_of_time(instance, location, tmp_path):
+    launcher = instance.run_launcher
+    launcher.prestart(repository(location).get_python_origin())
+    pids = []
+    for number in range(2):
+        waiting = ready_pid(launcher)
+        run = marker_run(instance, location, tmp_path / f"pid{number}")
+        instance.launch_run(run.run_id, workspace=None)  # the usual launch would need one
+        finished = poll_for_finished_run(instance, run.run_id, timeout=120)
+        assert finished.status == dg.DagsterRunStatus.SUCCESS
+        assert (tmp_path / f"pid{number}").read_text() == str(waiting)  # it ran the step
+        assert finished.tags[LAUNCHED_BY_TAG] == PRESTARTED
+        assert finished.tags[PID_TAG] == str(waiting)
+        pids.append(waiting)
+    assert pids[0] != pids[1]  # the next run's process started when the first run went
+    assert psutil.pid_exists(ready_pid(launcher))  # and the one after that waits
+
+
+def test_an_edit_after_the_process_started_sends_the_run_to_the_code_server(
+    instance, location, tmp_path
+):
+    launcher = instance.run_launcher
+    launcher.prestart(repository(location).get_python_origin())
+    stale = ready_pid(launcher)
+    wait_for_import(tmp_path / "imported", stale)
+    with (location / f"{MODULE}.py").open("a") as source:
+        source.write("\n# edited while a process waited with the old code\n")
+
+    target = ModuleTarget(MODULE, "defs", str(location), "prestarted")
+    with WorkspaceProcessContext(instance, target) as process_context:
+        workspace = process_context.create_request_context()
+        remote_job = (
+            workspace.get_code_location("prestarted")
+            .get_repository("__repository__")
+            .get_full_job("marker_job")
+        )
+        run = marker_run(
+            instance, location, tmp_path / "pid", remote_job_origin=remote_job.get_remote_origin()
+        )
+        instance.launch_run(run.run_id, workspace)
+        finished = poll_for_finished_run(instance, run.run_id, timeout=120)
+    assert finished.status == dg.DagsterRunStatus.SUCCESS
+    assert LAUNCHED_BY_TAG not in finished.tags  # the code server ran it
+    assert (tmp_path / "pid").read_text() != str(stale)
+    assert not psutil.pid_exists(stale) or psutil.Process(stale).status() == psutil.STATUS_ZOMBIE
+    assert ready_pid(launcher) != stale  # a process with the edited code waits
+
+
+def test_terminating_a_run_cancels_it(instance, location):
+    launcher = instance.run_launcher
+    launcher.prestart(repository(location).get_python_origin())
+    run = create_run(instance, location, "sleeping_job")
+    instance.launch_run(run.run_id, workspace=None)
+    poll_for_step_start(instance, run.run_id, timeout=120)
+    assert launcher.terminate(run.run_id)
+    finished = poll_for_finished_run(instance, run.run_id, timeout=60)
+    assert finished.status == dg.DagsterRunStatus.CANCELED
+
+
+def test_a_ready_process_does_not_outlive_its_launcher(instance, location):
+    launcher = instance.run_launcher
+    origin = repository(location).get_python_origin()
+    launcher.prestart(origin)
+    disposed = ready_pid(launcher)
+    launcher.dispose()
+    assert not psutil.pid_exists(disposed)
+
+    # Its launcher's process dies: the ready process reads the end of its stdin and exits.
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from llm_twin_features.run_launcher import PrestartedRunProcess
+        ready = PrestartedRunProcess(sys.executable, {serialize_value(origin)!r})
+        print(ready.pid, flush=True)
+        os._exit(0)
+        """
+    )
+    orphan = int(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    deadline = time.monotonic() + 120
+    while psutil.pid_exists(orphan) and psutil.Process(orphan).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the orphaned ready process kept running"
+        time.sleep(0.2)
