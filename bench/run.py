@@ -165,11 +165,11 @@ def bench_backfill(env: dict, home: Path, corpus: Path) -> dict:
 # --- freshness -------------------------------------------------------------------------------
 
 
-def covered_at(instance, entry_ids: set[str], after: float, timeout: float) -> dict[str, float]:
-    """End time of the first successful event run created after `after` that covers each id."""
+def covered_by(instance, entry_ids: set[str], after: float, timeout: float) -> dict[str, object]:
+    """The first successful event run created after `after` that covers each id (its record)."""
     import dagster as dg
 
-    found: dict[str, float] = {}
+    found: dict[str, object] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         records = instance.get_run_records(
@@ -184,12 +184,36 @@ def covered_at(instance, entry_ids: set[str], after: float, timeout: float) -> d
             for entry_id in (
                 ops.get("embedded_chunks", {}).get("config", {}).get("document_ids", [])
             ):
-                if entry_id in entry_ids:
-                    found[entry_id] = min(found.get(entry_id, record.end_time), record.end_time)
+                if entry_id in entry_ids and (
+                    entry_id not in found or record.end_time < found[entry_id].end_time
+                ):
+                    found[entry_id] = record
         if len(found) == len(entry_ids):
             return found
         time.sleep(0.1)
     raise TimeoutError(f"{len(entry_ids) - len(found)} documents not covered within {timeout} s")
+
+
+PHASES = ("sensor", "launch", "process_start", "stages")
+
+
+def phases(instance, record, published: float) -> dict[str, float]:
+    """Where a single event's time went: publish -> run created (sensor), -> launched,
+    -> run process ready (RUN_START), -> run finished (the four stages)."""
+    import dagster as dg
+
+    def first(event_type) -> float:
+        return instance.all_logs(record.dagster_run.run_id, of_type=event_type)[0].timestamp
+
+    created = record.create_timestamp.timestamp()
+    launched = first(dg.DagsterEventType.RUN_STARTING)
+    started = first(dg.DagsterEventType.RUN_START)
+    return {
+        "sensor": created - published,
+        "launch": launched - created,
+        "process_start": started - launched,
+        "stages": record.end_time - started,
+    }
 
 
 def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
@@ -214,7 +238,7 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
     ):
         time.sleep(15)  # let dagster dev load the code location and start the sensor
         log(f"{singles} single events")
-        latencies = []
+        latencies, breakdown = [], []
         for number in range(singles):
             entry_id = ids[number % len(ids)]
             document = posts.get(entry_id)
@@ -223,8 +247,14 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
             published = time.time()
             with EventPublisher(broker) as publisher:
                 publisher.publish([ChangeEvent(type="posts", entry_id=entry_id, op="update")])
-            latencies.append(covered_at(instance, {entry_id}, published, 120)[entry_id] - published)
-            log(f"event {number + 1}: searchable after {latencies[-1]:.2f} s")
+            record = covered_by(instance, {entry_id}, published, 120)[entry_id]
+            latencies.append(record.end_time - published)
+            breakdown.append(phases(instance, record, published))
+            log(
+                f"event {number + 1}: searchable after {latencies[-1]:.2f} s ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in breakdown[-1].items())
+                + ")"
+            )
             time.sleep(1 + number % 4)  # events land at every phase of the sensor loop
 
         # The burst has the backfill corpus' mix of types (half posts, 40% articles, 10% code).
@@ -242,8 +272,8 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
             publisher.publish(
                 ChangeEvent(type=d["type"], entry_id=d["_id"], op="insert") for d in documents
             )
-        ends = covered_at(instance, {d["_id"] for d in documents}, published, timeout=900)
-        burst_seconds = max(ends.values()) - published
+        runs = covered_by(instance, {d["_id"] for d in documents}, published, timeout=900)
+        burst_seconds = max(record.end_time for record in runs.values()) - published
     burst_chunks = sum(
         len(warehouse.chunk_state(d["type"]).get(d["_id"])["chunks"]) for d in documents
     )
@@ -253,6 +283,9 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
         "freshness_p50_seconds": percentile(latencies, 0.5),
         "freshness_p95_seconds": percentile(latencies, 0.95),
         "freshness_max_seconds": max(latencies),
+        "freshness_first_event_seconds": latencies[0],
+        "phase_medians_seconds": {k: percentile([b[k] for b in breakdown], 0.5) for k in PHASES},
+        "phase_max_seconds": {k: max(b[k] for b in breakdown) for k in PHASES},
         "burst_events": len(documents),
         "burst_chunks": burst_chunks,
         "burst_seconds": burst_seconds,
