@@ -105,15 +105,19 @@ def test_runs_go_to_a_process_started_ahead_of_time(instance, location, tmp_path
     assert psutil.pid_exists(ready_pid(launcher))  # and the one after that waits
 
 
-def test_an_edit_after_the_process_started_sends_the_run_to_the_code_server(
-    instance, location, tmp_path
+@pytest.mark.parametrize("fault", ["code edited", "process killed"])
+def test_a_ready_process_that_cannot_run_the_code_leaves_the_run_to_the_code_server(
+    instance, location, tmp_path, fault
 ):
     launcher = instance.run_launcher
     launcher.prestart(repository(location).get_python_origin())
     stale = ready_pid(launcher)
     wait_for_import(tmp_path / "imported", stale)
-    with (location / f"{MODULE}.py").open("a") as source:
-        source.write("\n# edited while a process waited with the old code\n")
+    if fault == "code edited":  # it would run the old code
+        with (location / f"{MODULE}.py").open("a") as source:
+            source.write("\n# edited while a process waited with the old code\n")
+    else:
+        psutil.Process(stale).kill()
 
     target = ModuleTarget(MODULE, "defs", str(location), "prestarted")
     with WorkspaceProcessContext(instance, target) as process_context:
