@@ -210,6 +210,16 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress."""
+    from llm_twin_features.local_stack import helper_model_server
+
+    # First: the model loads in a helper process while Dagster is imported here.
+    with helper_model_server(settings) as model_server:
+        if model_server:
+            print(f"{trigger}: loading the embedding model meanwhile, in {model_server}")
+        return _run_pipeline(settings, scopes, trigger)
+
+
+def _run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
     home = prepare_dagster_home(settings)
     import dagster as dg
 
@@ -451,8 +461,10 @@ def cmd_serve_models(args: argparse.Namespace, settings: Settings) -> int:
     from llm_twin_features.domain.embedding import encode_workers
     from llm_twin_features.model_server import serve
 
-    models = [settings.embedding_model, settings.code_embedding_model]
-    print(f"loading {', '.join(dict.fromkeys(models))}", flush=True)
+    models = list(dict.fromkeys([settings.embedding_model, settings.code_embedding_model]))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     server = serve(
         args.host,
         args.port,
@@ -460,10 +472,19 @@ def cmd_serve_models(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=settings.embedding_batch_size,
         workers=encode_workers(settings.embedding_workers),
     )
-    print(f"model server on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    print(
+        f"model server on http://{args.host}:{args.port} (Ctrl-C to stop); "
+        f"loading {', '.join(models)}",
+        flush=True,
+    )
+    while not stop.is_set() and not server.loaded.wait(0.5):
+        pass
+    if server.load_error:
+        _err(f"model server: could not load the models: {server.load_error}")
+        server.shutdown()
+        return 1
+    if not stop.is_set():
+        print("model server ready", flush=True)
     stop.wait()
     server.shutdown()
     return 0

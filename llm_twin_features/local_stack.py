@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -165,3 +167,41 @@ class LocalStack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.processes.clear()
+
+
+@contextmanager
+def helper_model_server(settings: Settings) -> Iterator[str | None]:
+    """A model server for one command (a backfill), started before the command's own work.
+
+    Importing sentence-transformers and loading the model takes a fresh process 5-10 s. In a
+    helper process that happens on another core while the command imports Dagster and runs
+    the first stages; the runs then embed through it (they wait for it if it is still
+    loading, and load the model themselves if it died). Yields its URL, with
+    `EMBEDDING_SERVICE_URL` set to it meanwhile; yields None, starting nothing, when a model
+    server is configured or this process has a model loaded already."""
+    from llm_twin_features.domain.embedding import loaded_models
+
+    if settings.embedding_service_url or loaded_models():
+        yield None
+        return
+    url = f"http://127.0.0.1:{free_port()}"
+    process = subprocess.Popen(
+        [BIN / "llm-twin-features", "serve-models", "--port", url.rsplit(":", 1)[1]],
+        stdout=subprocess.DEVNULL,  # its errors (stderr) stay visible
+        start_new_session=True,  # Ctrl-C reaches the command, which stops it
+    )
+    previous = os.environ.get("EMBEDDING_SERVICE_URL")
+    os.environ["EMBEDDING_SERVICE_URL"] = url
+    try:
+        yield url
+    finally:
+        if previous is None:
+            os.environ.pop("EMBEDDING_SERVICE_URL", None)
+        else:
+            os.environ["EMBEDDING_SERVICE_URL"] = previous
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -25,6 +25,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+CONNECT_TIMEOUT = 5.0
+
+
 class ModelServiceUnavailable(RuntimeError):
     pass
 
@@ -54,7 +57,12 @@ class _Handler(BaseHTTPRequestHandler):
         from llm_twin_features.domain.embedding import loaded_models
 
         if self.path == "/health":
-            self._reply(200, {"status": "ok", "models": loaded_models()})
+            if not self.server.loaded.is_set():  # type: ignore[attr-defined]
+                self._reply(503, {"status": "loading", "models": loaded_models()})
+            elif self.server.load_error:  # type: ignore[attr-defined]
+                self._reply(500, {"status": "failed", "error": self.server.load_error})  # type: ignore[attr-defined]
+            else:
+                self._reply(200, {"status": "ok", "models": loaded_models()})
         else:
             self._reply(404, {"error": f"no route {self.path}"})
 
@@ -108,17 +116,31 @@ class _Handler(BaseHTTPRequestHandler):
 def serve(
     host: str, port: int, preload: list[str], batch_size: int = 16, workers: int = 1
 ) -> ThreadingHTTPServer:
-    """Loads `preload` models, then returns a started server (call `shutdown()` to stop).
+    """Listens at once and loads `preload` models in the background; returns the started
+    server (call `shutdown()` to stop).
 
+    Until the models are loaded `/health` answers 503 and a request waits for the model it
+    needs rather than being refused: a client started alongside (a backfill, a run during
+    compose start-up) waits for the one copy instead of loading a model of its own.
     The server batches as its own settings say, not as clients ask: it knows its device."""
-    from llm_twin_features.domain.embedding import load_local_model
-
-    for model_id in dict.fromkeys(preload):
-        model = load_local_model(model_id)
-        model.encode(["warm-up"], show_progress_bar=False)
     server = ThreadingHTTPServer((host, port), _Handler)
     server.encode_batch_size = batch_size  # type: ignore[attr-defined]
     server.encode_workers = workers  # type: ignore[attr-defined]
+    server.loaded = threading.Event()  # type: ignore[attr-defined]
+    server.load_error = None  # type: ignore[attr-defined]
+
+    def load() -> None:
+        from llm_twin_features.domain.embedding import load_local_model
+
+        try:
+            for model_id in dict.fromkeys(preload):
+                load_local_model(model_id).encode(["warm-up"], show_progress_bar=False)
+        except Exception as error:  # reported by /health; requests load (and fail) on their own
+            log.exception("model server could not load its models")
+            server.load_error = f"{type(error).__name__}: {error}"  # type: ignore[attr-defined]
+        server.loaded.set()  # type: ignore[attr-defined]
+
+    threading.Thread(target=load, daemon=True, name="model-loader").start()
     threading.Thread(target=server.serve_forever, daemon=True, name="model-server").start()
     return server
 
@@ -143,13 +165,15 @@ class RemoteModel:
     """The slice of the SentenceTransformer interface the pipeline uses, served remotely."""
 
     def __init__(self, url: str, model_id: str, timeout: float = 600.0) -> None:
+        """Fails fast (`ModelServiceUnavailable`) when nothing listens at `url`; waits up to
+        `timeout` for a server that is still loading the model."""
         self.url = url.rstrip("/")
         self.model_id = model_id
         self.timeout = timeout
         self._address = urllib.parse.urlsplit(self.url)
         self._connection: http.client.HTTPConnection | None = None
         self.tokenizer = _RemoteTokenizer(self)
-        info = self.call("/info", {}, timeout=5.0)
+        info = self.call("/info", {})
         self.max_seq_length = info["max_seq_length"]
         self._dimension = info["dimension"]
 
@@ -161,10 +185,11 @@ class RemoteModel:
                 if self._connection is None:
                     host, port = self._address.hostname, self._address.port or 80
                     self._connection = http.client.HTTPConnection(host, port)
-                # Per request: the socket outlives the call that opened it (a short /info).
-                self._connection.timeout = timeout or self.timeout
-                if self._connection.sock is not None:
-                    self._connection.sock.settimeout(self._connection.timeout)
+                if self._connection.sock is None:
+                    self._connection.timeout = CONNECT_TIMEOUT  # nothing listening: fail fast
+                    self._connection.connect()
+                # Per request: a reply may take long (a 512-text slice, a model loading).
+                self._connection.sock.settimeout(timeout or self.timeout)
                 self._connection.request(
                     "POST", path, payload, {"Content-Type": "application/json"}
                 )

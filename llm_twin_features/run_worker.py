@@ -1,11 +1,11 @@
 """A run process started before its run exists (see run_launcher.py).
 
 It imports Dagster and the code location, builds the repository, then waits on stdin for one
-line: the serialized `ExecuteRunArgs` of a run. It answers on its reply pipe, "run" or
-"stale" (a source file of the code location was edited after this process started: the
-launcher then starts that run the usual way, so an edit is never run with old code), and executes the run
-exactly as `dagster api execute_run` does. End of stdin (the launcher closed it, or its
-process is gone) or Ctrl-C while waiting ends it quietly.
+line: the serialized `ExecuteRunArgs` of a run. It answers on its reply pipe "run", and
+executes the run exactly as `dagster api execute_run` does, or "stale" when a source file of
+the code location was edited after this process started (the launcher then starts that run
+the usual way: an edit never runs with old code). End of stdin (the launcher closed it, or
+its process is gone) or Ctrl-C while waiting ends it quietly.
 
 Usage: python -m llm_twin_features.run_worker SERIALIZED_REPOSITORY_ORIGIN REPLY_FD
 """

@@ -3,10 +3,12 @@ progress and the Dagster instance it records runs in."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import dagster as dg
+import psutil
 
 from llm_twin_features import cli
 from llm_twin_features.stores.queue import EventInbox
@@ -105,6 +107,12 @@ def test_backfill_shows_progress_and_records_runs_in_dagster_home(data_dir, tmp_
     assert "[1/1] repositories: done in" in result.stdout
     assert "13 documents, 1 quarantined" in result.stdout
     assert "embedded repositories:" in result.stderr  # the stage's progress lines
+    # The model was loaded by a helper server meanwhile, the run embedded through it (no
+    # fallback to a model of its own), and the helper is gone with the command.
+    (helper,) = re.findall(r"loading the embedding model meanwhile, in (\S+)", result.stdout)
+    assert "in this process instead" not in result.stderr
+    port = helper.rsplit(":", 1)[1]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or [])]
     assert (home / "dagster.yaml").exists()  # the laptop instance config was put in place
     with dg.DagsterInstance.from_config(str(home)) as instance:
         (run,) = instance.get_runs()
@@ -144,3 +152,17 @@ def test_asset_materialize_from_the_dagster_cli(data_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RUN_SUCCESS" in result.stderr
+
+
+def test_no_helper_model_server_when_one_is_configured_or_a_model_is_loaded(monkeypatch):
+    from llm_twin_features.domain.embedding import load_local_model
+    from llm_twin_features.local_stack import helper_model_server
+    from llm_twin_features.settings import BUNDLED_MODEL, Settings
+
+    with helper_model_server(Settings(embedding_service_url="http://models:8765")) as url:
+        assert url is None
+    load_local_model(BUNDLED_MODEL)
+    monkeypatch.delenv("EMBEDDING_SERVICE_URL", raising=False)
+    with helper_model_server(Settings()) as url:
+        assert url is None
+        assert "EMBEDDING_SERVICE_URL" not in os.environ

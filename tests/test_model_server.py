@@ -1,6 +1,11 @@
 """The model server and its client: same tokens and vectors as the in-process model."""
 
 import logging
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,8 +38,8 @@ def test_remote_vectors_equal_local_ones(url):
 
 
 def test_each_request_gets_its_own_timeout(url):
-    """The kept-alive socket is opened by the 5 s /info call; an embed call must not inherit
-    that timeout (a 512-text slice takes longer)."""
+    """The kept-alive socket is opened with a 5 s connect timeout; a call must not inherit it
+    (a 512-text slice, or a model still loading, takes longer)."""
     remote = RemoteModel(url, BUNDLED_MODEL, timeout=321.0)
     remote.encode(TEXTS)
     assert remote._connection.sock.gettimeout() == 321.0
@@ -82,3 +87,38 @@ def test_concurrent_tokenize_and_embed_requests_all_succeed(url):
         embedded = [pool.submit(embed, i) for i in range(2)]
         assert [f.result() for f in tokenized] == [160] * 6
         assert [f.result() for f in embedded] == [24, 24]
+
+
+def test_a_server_still_loading_says_so_and_clients_wait_for_it(caplog):
+    """`serve-models` listens before it loads: /health answers 503 until the model is loaded,
+    and a client that connects meanwhile waits for it instead of loading its own copy."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llm_twin_features.cli", "serve-models", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        statuses = []
+        deadline = time.monotonic() + 60
+        while not statuses:
+            assert time.monotonic() < deadline and server.poll() is None, "never listened"
+            try:
+                statuses.append(urllib.request.urlopen(url + "/health", timeout=5).status)
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+            except OSError:
+                time.sleep(0.05)
+        assert statuses == [503]  # listening, still importing and loading the model
+        with caplog.at_level(logging.WARNING):
+            remote = Embedder(BUNDLED_MODEL, service_url=url)
+            vectors = remote.embed(TEXTS)
+        assert isinstance(remote.model, RemoteModel) and "instead" not in caplog.text
+        assert np.allclose(vectors, Embedder(BUNDLED_MODEL).embed(TEXTS), atol=1e-6)
+        assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert "model server ready" in output
