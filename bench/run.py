@@ -216,6 +216,18 @@ def phases(instance, record, published: float) -> dict[str, float]:
     }
 
 
+def single_event_figures(latencies: list[float], breakdown: list[dict]) -> dict:
+    return {
+        "single_events": len(latencies),
+        "freshness_p50_seconds": percentile(latencies, 0.5),
+        "freshness_p95_seconds": percentile(latencies, 0.95),
+        "freshness_max_seconds": max(latencies),
+        "freshness_first_event_seconds": latencies[0],
+        "phase_medians_seconds": {k: percentile([b[k] for b in breakdown], 0.5) for k in PHASES},
+        "phase_max_seconds": {k: max(b[k] for b in breakdown) for k in PHASES},
+    }
+
+
 def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
     import dagster as dg
 
@@ -257,6 +269,9 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
             )
             time.sleep(1 + number % 4)  # events land at every phase of the sensor loop
 
+        if not burst:
+            warehouse.close()
+            return single_event_figures(latencies, breakdown)
         # The burst has the backfill corpus' mix of types (half posts, 40% articles, 10% code).
         documents = generate(burst // 2, burst * 2 // 5, burst // 10, seed=99)
         log(f"burst of {len(documents)} insert events")
@@ -279,13 +294,7 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
     )
     warehouse.close()
     return {
-        "single_events": singles,
-        "freshness_p50_seconds": percentile(latencies, 0.5),
-        "freshness_p95_seconds": percentile(latencies, 0.95),
-        "freshness_max_seconds": max(latencies),
-        "freshness_first_event_seconds": latencies[0],
-        "phase_medians_seconds": {k: percentile([b[k] for b in breakdown], 0.5) for k in PHASES},
-        "phase_max_seconds": {k: max(b[k] for b in breakdown) for k in PHASES},
+        **single_event_figures(latencies, breakdown),
         "burst_events": len(documents),
         "burst_chunks": burst_chunks,
         "burst_seconds": burst_seconds,
@@ -296,7 +305,7 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--singles", type=int, default=20)
-    parser.add_argument("--burst", type=int, default=500)
+    parser.add_argument("--burst", type=int, default=500, help="0: no burst")
     parser.add_argument("--skip-freshness", action="store_true")
     args = parser.parse_args()
 
@@ -323,10 +332,11 @@ def main() -> None:
     log(json.dumps(results["backfill"], indent=1))
     if not args.skip_freshness:
         results["events"] = bench_freshness(env, home, args.singles, args.burst)
-        results["events"]["burst_share_of_backfill"] = (
-            results["events"]["burst_chunks_per_second"]
-            / results["backfill"]["cold_chunks_per_second"]
-        )
+        if args.burst:
+            results["events"]["burst_share_of_backfill"] = (
+                results["events"]["burst_chunks_per_second"]
+                / results["backfill"]["cold_chunks_per_second"]
+            )
         log(json.dumps(results["events"], indent=1))
     (WORK / "results.json").write_text(json.dumps(results, indent=2))
     _cleanup_queue(env["RABBITMQ_QUEUE"])

@@ -379,20 +379,33 @@ def embed_chunks(
     store.upsert(collection, [_point(target, copied[source]) for target, source in to_copy])
     report.vectors_reused += len(to_copy)
 
-    # Longest first, so each encode call pads texts of similar length. Each slice is written
-    # while the next one is encoded (the model releases the GIL while it computes).
+    # Longest first, so each encode call pads texts of similar length. The model gets the
+    # next slice as soon as it has finished one, while that one is turned into points and
+    # written (it releases the GIL while it computes; a model server gets its next request
+    # at once): one slice waits encoded at most, one is being written.
     to_embed.sort(key=lambda target: -len(target.chunk.chunk_content))
+    slices = [to_embed[i : i + EMBED_SLICE] for i in range(0, len(to_embed), EMBED_SLICE)]
     embed_started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert") as writer:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed") as encoder,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="upsert") as writer,
+    ):
+
+        def encode(batch: list[EmbeddedChunk]) -> Future:
+            return encoder.submit(embedder.embed, [t.chunk.chunk_content for t in batch])
+
+        encoded = encode(slices[0]) if slices else None
         written: Future | None = None
-        for start in range(0, len(to_embed), EMBED_SLICE):
-            batch = to_embed[start : start + EMBED_SLICE]
-            vectors = embedder.embed([target.chunk.chunk_content for target in batch])
+        done = 0
+        for number, batch in enumerate(slices):
+            vectors = encoded.result()
+            if number + 1 < len(slices):
+                encoded = encode(slices[number + 1])
             points = [_point(t, v) for t, v in zip(batch, vectors, strict=True)]
             if written is not None:
-                written.result()  # one slice in flight at most; surfaces a failed write
+                written.result()  # surfaces a failed write
             written = writer.submit(store.upsert, collection, points)
-            done = start + len(batch)
+            done += len(batch)
             rate = done / (time.perf_counter() - embed_started)
             progress(f"embedded {data_type}: {done}/{len(to_embed)} chunks ({rate:.1f} chunks/s)")
         if written is not None:

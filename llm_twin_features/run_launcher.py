@@ -11,8 +11,8 @@ once, importing while the run goes on.
 
 It falls back to `DefaultRunLauncher` (the code server) whenever the ready process cannot take
 the run: the first run after start-up (nothing ready yet), a code location in another Python
-environment, a process that died, or an edit to the code location's files since the process
-imported them (an edit is never run with old code). Terminating a run it started sends its
+environment, a process that died, or an edit to the code location's files after the process
+started (an edit never runs with old code). Terminating a run it started sends its
 process SIGTERM, which Dagster turns into a cancelled run.
 """
 
