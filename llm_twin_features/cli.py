@@ -215,7 +215,9 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
     # First: the model loads in a helper process while Dagster is imported here.
     with helper_model_server(settings) as model_server:
         if model_server:
-            print(f"{trigger}: loading the embedding model meanwhile, in {model_server}")
+            print(
+                f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
+            )
         return _run_pipeline(settings, scopes, trigger)
 
 
@@ -465,6 +467,8 @@ def cmd_serve_models(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if args.exit_with_parent:
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     server = serve(
         args.host,
         args.port,
@@ -566,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_models.add_argument("--host", default="127.0.0.1")
     serve_models.add_argument("--port", type=int, default=8765)
+    # For a helper server: stop when stdin ends, i.e. when the process that started it is gone.
+    serve_models.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     serve_models.set_defaults(handler=cmd_serve_models)
 
     dev = commands.add_parser("dev", help="model server + Dagster UI, daemon and sensor")

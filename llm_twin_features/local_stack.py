@@ -185,8 +185,10 @@ def helper_model_server(settings: Settings) -> Iterator[str | None]:
         yield None
         return
     url = f"http://127.0.0.1:{free_port()}"
+    port = url.rsplit(":", 1)[1]
     process = subprocess.Popen(
-        [BIN / "llm-twin-features", "serve-models", "--port", url.rsplit(":", 1)[1]],
+        [BIN / "llm-twin-features", "serve-models", "--port", port, "--exit-with-parent"],
+        stdin=subprocess.PIPE,  # closed when this process ends, however it ends: it exits then
         stdout=subprocess.DEVNULL,  # its errors (stderr) stay visible
         start_new_session=True,  # Ctrl-C reaches the command, which stops it
     )
@@ -199,6 +201,7 @@ def helper_model_server(settings: Settings) -> Iterator[str | None]:
             os.environ.pop("EMBEDDING_SERVICE_URL", None)
         else:
             os.environ["EMBEDDING_SERVICE_URL"] = previous
+        process.stdin.close()  # type: ignore[union-attr]
         process.terminate()
         try:
             process.wait(30)

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import dagster as dg
 import psutil
@@ -166,3 +167,24 @@ def test_no_helper_model_server_when_one_is_configured_or_a_model_is_loaded(monk
     with helper_model_server(Settings()) as url:
         assert url is None
         assert "EMBEDDING_SERVICE_URL" not in os.environ
+
+
+def test_the_helper_model_server_exits_when_its_backfill_is_killed(data_dir, tmp_path):
+    env = {**os.environ, "LLM_TWIN_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "llm_twin_features.cli"]
+    subprocess.run([*command, "ingest", "--no-publish", str(SAMPLE_CORPUS)], env=env, check=True)
+    backfill = subprocess.Popen(
+        [*command, "backfill"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    (helper,) = re.findall(r"meanwhile, in (\S+)", backfill.stdout.readline())
+    backfill.kill()  # SIGKILL: no clean-up code of its own runs
+    backfill.wait()
+    port = helper.rsplit(":", 1)[1]
+    deadline = time.monotonic() + 60
+    while [p for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or [])]:
+        assert time.monotonic() < deadline, "the helper model server outlived its backfill"
+        time.sleep(0.2)
