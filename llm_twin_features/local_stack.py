@@ -184,10 +184,10 @@ def helper_model_server(settings: Settings) -> Iterator[str | None]:
     if settings.embedding_service_url or loaded_models():
         yield None
         return
-    url = f"http://127.0.0.1:{free_port()}"
-    port = url.rsplit(":", 1)[1]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [BIN / "llm-twin-features", "serve-models", "--port", port, "--exit-with-parent"],
+        [BIN / "llm-twin-features", "serve-models", "--port", str(port), "--exit-with-parent"],
         stdin=subprocess.PIPE,  # closed when this process ends, however it ends: it exits then
         stdout=subprocess.DEVNULL,  # its errors (stderr) stay visible
         start_new_session=True,  # Ctrl-C reaches the command, which stops it

@@ -17,6 +17,12 @@ from llm_twin_features.stores.queue import EventInbox
 from .conftest import SAMPLE_CORPUS
 
 
+def helper_server_processes(url: str) -> list[psutil.Process]:
+    """The processes serving models on `url`'s port (a backfill's helper model server)."""
+    port = url.rsplit(":", 1)[1]
+    return [p for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or [])]
+
+
 def test_ingest_reports_bad_lines_and_keeps_the_good_ones(data_dir, tmp_path, capsys):
     source = tmp_path / "crawl.jsonl"
     source.write_text(
@@ -112,8 +118,7 @@ def test_backfill_shows_progress_and_records_runs_in_dagster_home(data_dir, tmp_
     # fallback to a model of its own), and the helper is gone with the command.
     (helper,) = re.findall(r"loading the embedding model meanwhile, in (\S+)", result.stdout)
     assert "in this process instead" not in result.stderr
-    port = helper.rsplit(":", 1)[1]
-    assert not [p for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or [])]
+    assert not helper_server_processes(helper)
     assert (home / "dagster.yaml").exists()  # the laptop instance config was put in place
     with dg.DagsterInstance.from_config(str(home)) as instance:
         (run,) = instance.get_runs()
@@ -183,8 +188,7 @@ def test_the_helper_model_server_exits_when_its_backfill_is_killed(data_dir, tmp
     (helper,) = re.findall(r"meanwhile, in (\S+)", backfill.stdout.readline())
     backfill.kill()  # SIGKILL: no clean-up code of its own runs
     backfill.wait()
-    port = helper.rsplit(":", 1)[1]
     deadline = time.monotonic() + 60
-    while [p for p in psutil.process_iter(["cmdline"]) if port in (p.info["cmdline"] or [])]:
+    while helper_server_processes(helper):
         assert time.monotonic() < deadline, "the helper model server outlived its backfill"
         time.sleep(0.2)

@@ -170,13 +170,18 @@ class EmbeddingHandler:
     """Prose: the general text model, no instruction."""
 
     def embedder(self, settings: Settings) -> Embedder:
+        model_id, instruction = self.model(settings)
         return Embedder(
-            settings.embedding_model,
-            None,
+            model_id,
+            instruction,
             settings.embedding_batch_size,
             settings.embedding_service_url,
             encode_workers(settings.embedding_workers),
         )
+
+    def model(self, settings: Settings) -> tuple[str, str | None]:
+        """The model id and the instruction documents are embedded with."""
+        return settings.embedding_model, None
 
     def query_instruction(self, settings: Settings) -> str | None:
         return None
@@ -199,14 +204,8 @@ class ArticleEmbeddingHandler(EmbeddingHandler):
 class RepositoryEmbeddingHandler(EmbeddingHandler):
     """Code goes through the INSTRUCTOR path: its own model, with instructions."""
 
-    def embedder(self, settings: Settings) -> Embedder:
-        return Embedder(
-            settings.code_embedding_model,
-            settings.code_embedding_instruction,
-            settings.embedding_batch_size,
-            settings.embedding_service_url,
-            encode_workers(settings.embedding_workers),
-        )
+    def model(self, settings: Settings) -> tuple[str, str | None]:
+        return settings.code_embedding_model, settings.code_embedding_instruction
 
     def query_instruction(self, settings: Settings) -> str | None:
         return settings.code_query_instruction
