@@ -106,13 +106,15 @@ def audit(
     report.chunks = sum(len(c) for c in expected_chunks.values())
 
     vectors: dict[str, set[tuple[int, str]]] = defaultdict(set)
-    vector_hashes: dict[str, set[str]] = defaultdict(set)
+    # (content hash, pipeline version) of each document's vector points
+    vector_stamps: dict[str, set[tuple[str, str]]] = defaultdict(set)
     wrong_model: set[str] = set()
     for point in store.points(vector_collection(data_type), scope):
         payload = point.payload or {}
         document_id = payload.get("document_id", "")
         vectors[document_id].add((payload.get("chunk_index"), payload.get("chunk_id")))
-        vector_hashes[document_id].add(payload.get("content_hash", ""))
+        stamp = (payload.get("content_hash", ""), payload.get("pipeline_version", ""))
+        vector_stamps[document_id].add(stamp)
         if payload.get("model_id") != embedder.signature:
             wrong_model.add(document_id)
         report.vectors += 1
@@ -122,10 +124,11 @@ def audit(
         if payload is None:
             report.missing.append(entry_id)
             continue
+        current_stamp = (fingerprint, PIPELINE_VERSION)  # vectors of older payloads are stale
         current = (
             payload.get("content_hash") == fingerprint
             and payload.get("pipeline_version") == PIPELINE_VERSION
-            and vector_hashes.get(entry_id, {fingerprint}) == {fingerprint}
+            and vector_stamps.get(entry_id, {current_stamp}) == {current_stamp}
         )
         if not current:
             report.stale.append(entry_id)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import threading
 import time
@@ -60,32 +61,108 @@ def _feature_store(settings: Settings):
 # --- ingest ------------------------------------------------------------------------------------
 
 
+MAX_NESTING = 100  # levels of objects/arrays in one document; deeper lines are rejected
+_BOM = b"\xef\xbb\xbf"
+_ID_NAMESPACE = uuid.UUID("5b0c6bd4-6a43-4a8e-9f3e-0f6d1c2b7a10")  # ids of documents without one
+
+
 def read_documents(paths: Iterable[str]) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(file:line, document, error) per non-blank line; `_id` is filled in when missing."""
+    """(file:line, document, error) per non-blank line of JSONL files.
+
+    Each line stands alone: a line that is not UTF-8, not JSON, nested too deeply or not a
+    warehouse document gets its own error, and the lines around it are still read. A UTF-8
+    byte-order mark at the start of a file is ignored.
+    """
     for path in paths:
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                location = f"{path}:{number}"
-                try:
-                    document = json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield location, None, f"invalid JSON: {error.msg} (column {error.colno})"
-                    continue
-                if not isinstance(document, dict):
-                    yield location, None, "a line must be a JSON object"
-                    continue
-                data_type = document.pop("type", None)
-                if data_type not in DATA_TYPES:
-                    yield (
-                        location,
-                        None,
-                        (f"unknown type {data_type!r}; expected one of {', '.join(DATA_TYPES)}"),
-                    )
-                    continue
-                document["_id"] = str(document.get("_id") or uuid.uuid4())
-                yield location, {"type": data_type, **document}, None
+        try:
+            with open(path, "rb") as lines:
+                for number, raw in enumerate(lines, start=1):
+                    if number == 1 and raw.startswith(_BOM):
+                        raw = raw[len(_BOM) :]
+                    if not raw.strip():
+                        continue
+                    document, error = parse_document_line(raw)
+                    yield f"{path}:{number}", document, error
+        except OSError as error:
+            yield path, None, f"cannot read the file: {error.strerror or error}"
+
+
+def parse_document_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """One JSONL line as a warehouse document with `type` and a string `_id`, or the reason
+    it cannot be one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return None, f"not UTF-8: {error}"
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"invalid JSON: {error.msg} (column {error.colno})"
+    except RecursionError:
+        return None, f"nested deeper than {MAX_NESTING} levels"
+    if not isinstance(document, dict):
+        return None, "a line must be a JSON object"
+    if _nesting(document) > MAX_NESTING:
+        return None, f"nested deeper than {MAX_NESTING} levels"
+    data_type = document.pop("type", None)
+    if data_type not in DATA_TYPES:
+        return None, f"unknown type {data_type!r}; expected one of {', '.join(DATA_TYPES)}"
+    operators = sorted(k for k in document if k.startswith("$"))
+    if operators:
+        return None, f"field names may not start with '$' (MongoDB): {', '.join(operators)}"
+    try:
+        document["_id"] = document_id(data_type, document)
+    except ValueError as error:
+        return None, str(error)
+    return {"type": data_type, **document}, None
+
+
+def document_id(data_type: str, document: dict) -> str:
+    """The warehouse id of an ingested document, the same on every ingest of the same line.
+
+    A non-empty string is kept; Extended JSON `{"$oid": "<24 hex digits>"}` becomes its hex
+    string; a missing or null `_id` becomes a uuid5 of the type and the canonical JSON of
+    the document (so re-ingesting a file replaces instead of duplicating); anything else is
+    refused, because turning `0`, `true` or `""` into a string would change the id silently.
+    """
+    given = document.get("_id")
+    if given is None:
+        body = {k: v for k, v in document.items() if k != "_id"}
+        canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return str(uuid.uuid5(_ID_NAMESPACE, f"{data_type}\n{canonical}"))
+    if isinstance(given, str) and given:
+        return given
+    if isinstance(given, dict) and set(given) == {"$oid"}:
+        oid = given["$oid"]
+        if (
+            isinstance(oid, str)
+            and len(oid) == 24
+            and all(c in "0123456789abcdefABCDEF" for c in oid)
+        ):
+            return oid.lower()
+        raise ValueError(f"invalid _id: $oid must be 24 hexadecimal digits, got {oid!r}")
+    raise ValueError(
+        f"invalid _id {json.dumps(given)[:60]}: an id must be a non-empty string or "
+        '{"$oid": "<24 hex digits>"}; leave it out to get one derived from the content'
+    )
+
+
+def _nesting(value: object) -> int:
+    """Depth of nested objects and arrays, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -331,19 +408,21 @@ def _print_hits(query: str, hits: list, as_json: bool) -> None:
             print("  (no results: has the backfill run?)")
     for rank, hit in enumerate(hits, start=1):
         payload = hit.payload or {}
+        # The chunk text is under `content`; `text` in points not rewritten since version 1.
+        chunk_text = payload.get("content", payload.get("text"))
         if as_json:
             record = {
                 "query": query,
                 "rank": rank,
                 "document_id": payload.get("document_id"),
                 "score": round(hit.score, 6),
-                "text": payload.get("text"),
+                "text": chunk_text,
                 "type": payload.get("data_type"),
                 "chunk_index": payload.get("chunk_index"),
             }
             print(json.dumps(record, ensure_ascii=False))
         else:
-            text = " ".join((payload.get("text") or "").split())
+            text = " ".join((chunk_text or "").split())
             print(
                 f"  {rank}. [{payload.get('data_type')}] {payload.get('document_id')} "
                 f"score={hit.score:.3f}  {text[:160]}"
@@ -591,6 +670,22 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, settings)
     except (OSError, RuntimeError, ValueError) as error:
         _err(f"error: {error}")
+        return 1
+    except sqlite3.Error as error:  # an embedded store's file, where no adapter said more
+        _err(
+            f"error: a local store under {settings.resolved_data_dir} failed: {error}; free some "
+            "disk space and check that the folder is writable, then run the command again"
+        )
+        return 1
+    except Exception as error:
+        if not type(error).__module__.startswith("sqlalchemy"):
+            raise
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+        home = os.environ.get("DAGSTER_HOME") or settings.resolved_data_dir / "dagster_home"
+        _err(
+            f"error: Dagster's storage under {home} failed: {reason}; free some disk space and "
+            "check that DAGSTER_HOME is writable, then run the command again"
+        )
         return 1
 
 

@@ -9,7 +9,9 @@ A message is acked only once a run that covers it exists:
    and acks their redelivered messages. A pending batch whose run does not exist yet (the
    daemon died before creating it) is requested again under the same run key.
 A crash anywhere leaves messages unacked, hence redelivered: at-least-once, and the runs
-are idempotent.
+are idempotent. A message without an event id (the original LLM Twin CDC's) gets one derived
+from its body (`events.derived_event_id`), so its redelivery is recognised in step 4 too;
+two messages with the same body are one event.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from llm_twin_features.stores.feature_store import (
     cleaned_collection,
     vector_collection,
 )
-from llm_twin_features.stores.warehouse import Warehouse
+from llm_twin_features.stores.warehouse import UnreadableDocument, Warehouse
 
 Progress = Callable[[str], Any]
 EMBED_SLICE = 512  # texts per encode call: progress is reported between slices
@@ -75,6 +75,8 @@ class StageReport:
 
 def validate(data_type: str, document: dict) -> RawDocument:
     """A warehouse document as its type's raw model; raises ValidationError/ValueError."""
+    if isinstance(document, UnreadableDocument):
+        raise ValueError(document.reason)
     model = RAW_MODELS.get(data_type)
     if model is None:
         raise ValueError(f"unknown data type {data_type!r}")

@@ -14,10 +14,17 @@ the run: the first run after start-up (nothing ready yet), a code location in an
 environment, a process that died, or an edit to the code location's files after the process
 started (an edit never runs with old code). Terminating a run it started sends its
 process SIGTERM, which Dagster turns into a cancelled run.
+
+A thread waits for each process it gave a run to, as the code server does for the runs it
+starts: a process killed outright (SIGKILL, the OOM killer) never stays a zombie, and its run,
+not finished, is failed and its pool slots freed at once (else every later run would wait for
+them). The daemon's run monitoring also asks it about each started run
+(`check_run_worker_health`): a run whose recorded process is gone (dead_runs.py) has failed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -27,12 +34,12 @@ import sys
 import threading
 
 import dagster as dg
-from dagster._core.launcher import LaunchRunContext
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.origin import RepositoryPythonOrigin
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import serialize_value
 
-from llm_twin_features.dead_runs import HOST_TAG, PID_TAG
+from llm_twin_features.dead_runs import HOST_TAG, PID_TAG, owner_tags, process_gone
 from llm_twin_features.run_worker import RUN
 
 LAUNCHED_BY_TAG = "llm_twin/launched_by"
@@ -40,6 +47,16 @@ PRESTARTED = "prestarted-process"
 # A process started a moment ago may still be importing (a burst of runs): wait for it rather
 # than start another; past this, something is wrong with it and the usual launch path runs.
 HAND_OVER_TIMEOUT_SECONDS = 120.0
+
+
+def _ending(exit_code: int) -> str:
+    """How a process ended, from its Popen return code (-N: killed by signal N)."""
+    if exit_code < 0:
+        try:
+            return f"was killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f"was killed by signal {-exit_code}"
+    return f"exited with code {exit_code}"
 
 
 class PrestartedRunProcess:
@@ -105,7 +122,6 @@ class PrestartedProcessRunLauncher(dg.DefaultRunLauncher):
         super().__init__(inst_data=inst_data)
         self._lock = threading.Lock()
         self._ready: dict[str, PrestartedRunProcess] = {}  # by serialized repository origin
-        self._running: list[subprocess.Popen] = []
 
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
@@ -115,7 +131,6 @@ class PrestartedProcessRunLauncher(dg.DefaultRunLauncher):
             return
         key = serialize_value(origin.repository_origin)
         with self._lock:
-            self._running = [p for p in self._running if p.poll() is None]  # reap
             ready = self._ready.pop(key, None)
         request = serialize_value(
             ExecuteRunArgs(
@@ -124,12 +139,7 @@ class PrestartedProcessRunLauncher(dg.DefaultRunLauncher):
         )
         if ready is not None and ready.hand_over(request):
             self._instance.add_run_tags(
-                run.run_id,
-                {
-                    LAUNCHED_BY_TAG: PRESTARTED,
-                    PID_TAG: str(ready.pid),
-                    HOST_TAG: socket.gethostname(),
-                },
+                run.run_id, {LAUNCHED_BY_TAG: PRESTARTED, **owner_tags(ready.pid)}
             )
             self._instance.report_engine_event(
                 f"Run handed to a process started ahead of time (pid {ready.pid}).",
@@ -137,11 +147,54 @@ class PrestartedProcessRunLauncher(dg.DefaultRunLauncher):
                 cls=self.__class__,
             )
             self._run_ids.add(run.run_id)
-            with self._lock:
-                self._running.append(ready.process)
+            threading.Thread(
+                target=self._watch,
+                args=(ready.process, run.run_id),
+                daemon=True,
+                name=f"run-process-{ready.pid}",
+            ).start()
         else:
             super().launch_run(context)
         self.prestart(origin.repository_origin)
+
+    def _watch(self, process: subprocess.Popen, run_id: str) -> None:
+        """Waits for the process of run `run_id` to end; if the run has not finished by then
+        (the process was killed outright), fails it, or cancels it if it was being cancelled,
+        and frees its pool slots."""
+        exit_code = process.wait()  # reaps it: no zombie
+        try:
+            if not self.has_instance:
+                return
+            instance = self._instance
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                return
+            if not run.is_finished:
+                message = (
+                    f"The process of this run (pid {process.pid}) {_ending(exit_code)} before "
+                    "the run finished; its pool slots were freed so that later runs proceed."
+                )
+                instance.report_engine_event(message, run, cls=self.__class__)
+                if run.status == dg.DagsterRunStatus.CANCELING:
+                    instance.report_run_canceled(run, message)
+                else:
+                    instance.report_run_failed(run, message)
+            instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+        except Exception:  # the instance was disposed of meanwhile, storage unavailable
+            logging.getLogger(__name__).exception(f"could not settle run {run_id}")
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
+        """For the daemon's run monitoring: a started run whose recorded process is gone has
+        failed; any other is taken as running (a run launched elsewhere, another host's)."""
+        if process_gone(run):
+            return CheckRunHealthResult(
+                WorkerStatus.FAILED, f"the process of this run (pid {run.tags[PID_TAG]}) is gone"
+            )
+        return CheckRunHealthResult(WorkerStatus.RUNNING)
 
     def prestart(self, repository_origin: RepositoryPythonOrigin) -> None:
         """Starts the process for the next run of this code location, unless one is ready."""

@@ -20,6 +20,7 @@ from llm_twin_features.stores.queue import BrokerUnavailable, EventInbox
 
 WAREHOUSE_EVENTS_JOB = "warehouse_events_job"
 RUN_KEY_TAG = "dagster/run_key"
+_warned: set[str] = set()  # topology warnings already in a tick's log
 
 warehouse_events_job = dg.define_asset_job(
     WAREHOUSE_EVENTS_JOB,
@@ -69,6 +70,9 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
 
         try:
             with EventInbox(event_broker.config()) as inbox:
+                for warning in set(inbox.warnings) - _warned:  # once per process
+                    _warned.add(warning)
+                    context.log.warning(warning)
                 budget = settings.sensor_time_budget_seconds
                 settle = settings.sensor_settle_seconds
                 deliveries = inbox.drain(settings.sensor_max_events, budget, settle=settle)

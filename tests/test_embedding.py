@@ -123,3 +123,45 @@ def test_encode_workers_default_to_the_usable_cores():
 
 def test_bundled_model_resolves_to_a_local_directory():
     assert (Path(resolve_model_path(BUNDLED_MODEL)) / "modules.json").exists()
+
+
+@pytest.mark.parametrize("model_id", ["BAAI/bge-small-en-v1.5", BUNDLED_MODEL])
+def test_course_configuration_embeds_every_type_alike_with_no_instruction(monkeypatch, model_id):
+    """README, "Replacing the original feature pipeline": the course's newest code embeds every
+    type, code included, with one model and no instruction. EMBEDDING_MODEL and
+    CODE_EMBEDDING_MODEL naming that model and an empty CODE_EMBEDDING_INSTRUCTION (and
+    CODE_QUERY_INSTRUCTION, for our own search) give exactly that."""
+    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+    from llm_twin_features.settings import DATA_TYPES, Settings
+
+    monkeypatch.delenv("EMBEDDING_SERVICE_URL", raising=False)
+    for name in ("EMBEDDING_MODEL", "CODE_EMBEDDING_MODEL"):
+        monkeypatch.setenv(name, model_id)
+    for name in ("CODE_EMBEDDING_INSTRUCTION", "CODE_QUERY_INSTRUCTION"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.code_embedding_instruction == settings.code_query_instruction == ""
+
+    embedders = {t: EmbeddingDispatcher.embedder(t, settings) for t in DATA_TYPES}
+    assert {e.model_id for e in embedders.values()} == {model_id}
+    assert not any(e.instruction for e in embedders.values())
+    # The vector signature (stored as each point's model_id) is the bare model id.
+    assert {e.signature for e in embedders.values()} == {model_id}
+    assert not any(EmbeddingDispatcher.query_instruction(t, settings) for t in DATA_TYPES)
+    if model_id != BUNDLED_MODEL:
+        return  # no hub downloads here: the vectors are checked with the bundled model
+
+    # Code vectors are the model's plain vectors: no prompt, for documents and for queries
+    # (`search` passes `query_instruction or ""`), and a code chunk fits as many tokens.
+    plain = load_model(BUNDLED_MODEL).encode([CODE], normalize_embeddings=True)[0]
+    code = embedders["repositories"]
+    query_instruction = EmbeddingDispatcher.query_instruction("repositories", settings) or ""
+    assert np.allclose(code.embed([CODE])[0], plain, atol=1e-6)
+    assert np.allclose(code.embed([CODE], query_instruction=query_instruction)[0], plain, atol=1e-6)
+    assert code.max_text_tokens == embedders["posts"].max_text_tokens
+
+    # The default instruction does change the code vectors: the empty one is what removes it.
+    monkeypatch.delenv("CODE_EMBEDDING_INSTRUCTION")
+    instructed = EmbeddingDispatcher.embedder("repositories", Settings())
+    assert instructed.signature != model_id
+    assert not np.allclose(instructed.embed([CODE])[0], plain, atol=1e-3)

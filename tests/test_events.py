@@ -106,3 +106,63 @@ def test_cursor_round_trips_and_stays_bounded():
     big = SensorCursor(covered=[f"e{i}" for i in range(5000)])
     plan = plan_tick([], big, run_exists=lambda _: True)
     assert len(plan.cursor.covered) == 2000 and plan.cursor.covered[-1] == "e4999"
+
+
+# --- the original LLM Twin CDC's messages: no `op`, no event id ------------------------------
+
+ORIGINAL_POST = {  # a crawled post minus `_id`, plus `type` and `entry_id`, as that CDC sends it
+    "platform": "linkedin",
+    "content": {"text": "Change data capture, the course way.", "image": None},
+    "author_id": "a1",
+    "type": "posts",
+    "entry_id": "p1",
+}
+
+
+def test_original_cdc_message_is_an_event_with_an_id_derived_from_its_body():
+    body = json.dumps(ORIGINAL_POST).encode()
+    event = parse_event(body)
+    assert (event.type, event.entry_id, event.op) == ("posts", "p1", None)
+    # Every delivery of the same message gives the same id (key order, spacing do not count).
+    reordered = json.dumps(dict(reversed(list(ORIGINAL_POST.items()))), indent=2).encode()
+    assert parse_event(body).event_id == parse_event(reordered).event_id == event.event_id
+    # Another document state is another event.
+    edited = {**ORIGINAL_POST, "content": {"text": "Edited."}}
+    assert parse_event(json.dumps(edited).encode()).event_id != event.event_id
+    # A document's own fields are not event fields: a crawled `timestamp` is no poison.
+    crawled = parse_event(json.dumps({**ORIGINAL_POST, "timestamp": "last week"}).encode())
+    assert crawled.entry_id == "p1"
+
+
+def test_our_event_without_an_event_id_gets_a_stable_one():
+    body = json.dumps(
+        {"type": "posts", "entry_id": "p1", "op": "update", "timestamp": "2026-11-21T10:00:00Z"}
+    ).encode()
+    assert parse_event(body).event_id == parse_event(body).event_id
+    assert parse_event(body).op == "update"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ORIGINAL_POST,
+        {"type": "posts", "entry_id": "p1", "op": "update", "timestamp": "2026-11-21T10:00:00Z"},
+    ],
+    ids=["original-cdc", "no-event-id"],
+)
+def test_message_without_event_id_is_acked_once_its_run_exists_and_never_reruns(body):
+    """Issue 9, point 6: such a message used to get a new random id on every read, so it was
+    never acked and each tick requested a new run."""
+    first = plan_tick([delivery(1, body)], SensorCursor(), run_exists=lambda _: False)
+    (run_key,) = first.cursor.pending
+    assert first.new_events == 1
+
+    # Redelivered before the run exists: the same run again, nothing new.
+    again = plan_tick([delivery(2, body)], first.cursor, run_exists=lambda _: False)
+    assert [b.run_key for b in again.requests] == [run_key]
+    assert again.new_events == 0 and again.ack == []
+
+    # Redelivered once the run exists: acked, no run requested.
+    done = plan_tick([delivery(3, body)], again.cursor, run_exists=lambda key: key == run_key)
+    assert done.ack == [3] and done.requests == [] and done.new_events == 0
+    assert done.dead_letter == []

@@ -133,11 +133,16 @@ def test_payloads_carry_provenance_and_one_author_key(harness: Harness):
                 "chunk_index",
                 "model_id",
                 "pipeline_version",
-                "text",
+                "content",
             ):
                 assert payload.get(key) is not None, (data_type, key)
+            assert "text" not in payload  # the chunk text is stored once, under `content`
             cleaned = next(store.points(cleaned_collection(data_type))).payload
             assert cleaned["author_id"] and cleaned["cleaned_content"]
+            # Repositories also carry the crawler's key, which the course's retriever filters on.
+            for owner_payload in (payload, cleaned):
+                expected = payload["author_id"] if data_type == "repositories" else None
+                assert owner_payload.get("owner_id") == expected
     # Repositories keep the crawler's owner under the same key as posts and articles.
     with harness.feature_store() as store:
         authors = {p.payload["author_id"] for p in store.points(vector_collection("repositories"))}

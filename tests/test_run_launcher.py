@@ -1,11 +1,14 @@
 """The laptop's run launcher (llm_twin_features/run_launcher.py) on a real instance: runs go to
 a process started ahead of time, the usual code-server launch takes over when that process
-cannot run the code as it is now, termination cancels, and no ready process outlives its
-launcher. The daemon's use of it is exercised by tests/test_events_e2e.py."""
+cannot run the code as it is now, termination cancels, a run whose process is killed outright
+fails and frees its pool slot, and no ready process outlives its launcher. The daemon's use of
+it is exercised by tests/test_events_e2e.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,6 +19,7 @@ import dagster as dg
 import psutil
 import pytest
 from dagster._core.definitions.reconstruct import ReconstructableRepository
+from dagster._core.launcher import WorkerStatus
 from dagster._core.origin import JobPythonOrigin
 from dagster._core.test_utils import poll_for_finished_run, poll_for_step_start
 from dagster._core.workspace.context import WorkspaceProcessContext
@@ -23,7 +27,7 @@ from dagster._core.workspace.load_target import ModuleTarget
 from dagster._serdes import serialize_value
 
 from llm_twin_features import cli
-from llm_twin_features.dead_runs import PID_TAG
+from llm_twin_features.dead_runs import PID_TAG, release_dead_runs
 from llm_twin_features.run_launcher import (
     LAUNCHED_BY_TAG,
     PRESTARTED,
@@ -177,3 +181,91 @@ def test_a_ready_process_does_not_outlive_its_launcher(instance, location):
     while psutil.pid_exists(orphan) and psutil.Process(orphan).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the orphaned ready process kept running"
         time.sleep(0.2)
+
+
+POOLED_LOCATION = """
+import time
+
+import dagster as dg
+
+
+@dg.op(pool="feature_store", config_schema={"seconds": float})
+def hold_the_slot(context) -> None:
+    time.sleep(context.op_config["seconds"])
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def pooled_job():
+    hold_the_slot()
+
+
+defs = dg.Definitions(jobs=[pooled_job])
+"""
+
+
+def test_a_run_process_killed_outright_fails_its_run_and_frees_its_slot(tmp_path):
+    """SIGKILL of a run's process while the launcher's process lives on and has not waited for
+    it: the run must not stay STARTED holding its pool slot (every later run would wait)."""
+    directory = tmp_path / "pooled"
+    directory.mkdir()
+    (directory / "pooled_location.py").write_text(POOLED_LOCATION)
+    repo = ReconstructableRepository.for_module(
+        "pooled_location", "defs", working_directory=str(directory)
+    )
+    overrides = {"run_launcher": LAUNCHER, "concurrency": {"pools": {"default_limit": 1}}}
+    with dg.instance_for_test(overrides=overrides) as instance:
+
+        def pooled_run(seconds: float) -> dg.DagsterRun:
+            return instance.create_run_for_job(
+                job_def=repo.get_definition().get_job("pooled_job"),
+                job_code_origin=JobPythonOrigin("pooled_job", repo.get_python_origin()),
+                run_config={"ops": {"hold_the_slot": {"config": {"seconds": seconds}}}},
+            )
+
+        def slot_holders() -> set[str]:
+            return instance.event_log_storage.get_concurrency_info("feature_store").active_run_ids
+
+        instance.run_launcher.prestart(repo.get_python_origin())
+        victim = pooled_run(600)
+        instance.launch_run(victim.run_id, workspace=None)
+        deadline = time.monotonic() + 120
+        while victim.run_id not in slot_holders():
+            assert time.monotonic() < deadline, "the run never took its pool slot"
+            time.sleep(0.1)
+        started = instance.get_run_by_id(victim.run_id)
+        assert started.tags[LAUNCHED_BY_TAG] == PRESTARTED
+        pid = int(started.tags[PID_TAG])
+        health = instance.run_launcher.check_run_worker_health  # the daemon's run monitoring
+        assert health(started).status == WorkerStatus.RUNNING
+
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        killed = next_tick = time.monotonic()
+        while (
+            instance.get_run_by_id(victim.run_id).status != dg.DagsterRunStatus.FAILURE
+            or victim.run_id in slot_holders()
+        ):
+            assert time.monotonic() - killed < 30, "the killed run still holds its slot"
+            if time.monotonic() >= next_tick:  # what each tick of the events sensor does
+                release_dead_runs(instance, ["feature_store"])
+                next_tick += 1.0
+            time.sleep(0.05)
+        released = time.monotonic() - killed
+        assert not psutil.pid_exists(pid)  # waited for: no zombie left behind
+        failures = instance.get_records_for_run(
+            victim.run_id, of_type=dg.DagsterEventType.RUN_FAILURE
+        ).records
+        (failure,) = failures  # one failure: the launcher's, which knows how it ended
+        assert "was killed by SIGKILL" in failure.event_log_entry.message
+        assert health(started).status == WorkerStatus.FAILED
+
+        retry = pooled_run(0)  # what the run retry does: it gets the slot and converges
+        instance.launch_run(retry.run_id, workspace=None)
+        finished = poll_for_finished_run(instance, retry.run_id, timeout=120)
+        assert finished.status == dg.DagsterRunStatus.SUCCESS
+        print(
+            "FAULT-FIGURES killed prestarted run process: failed "
+            f"{failure.event_log_entry.timestamp - killed_at:.3f} s after SIGKILL, failed and "
+            f"slot free seen {released:.2f} s after it; next run done "
+            f"{time.monotonic() - killed:.2f} s after it"
+        )

@@ -3,6 +3,9 @@
 Raw models validate warehouse documents; a document that fails validation is quarantined with
 the validation message as its reason. Posts and articles carry `author_id`, repositories
 `owner_id`: every later state exposes one `author_id` so author filters work for every type.
+Payloads keep the keys the original pipeline's neighbours read: the chunk text under
+`content`, the cleaned text under `cleaned_content`, and a repository's author under
+`owner_id` too (the course's retriever filters repositories on it). README.md has the table.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Bump when cleaning or chunking changes output, so stored features are rebuilt.
-PIPELINE_VERSION = "1"
+# Bump when cleaning or chunking changes output, or the payloads change, so stored features
+# are rebuilt (the audit finds them stale; unchanged chunks keep their vectors).
+# 2: chunk text under `content` (was `text`), repositories' author also under `owner_id`.
+PIPELINE_VERSION = "2"
 
 METADATA_KEYS = ("platform", "link", "name")  # type-specific fields kept in payloads
 _POINT_NAMESPACE = uuid.UUID("6f0d1c1e-7f8b-4d55-9a57-1c0f8f2b9e10")
@@ -106,12 +111,13 @@ class CleanedDocument(BaseModel):
     content_hash: str
     cleaned_content: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+    author_keys: ClassVar[tuple[str, ...]] = ("author_id",)  # payload keys of the author
 
     def payload(self) -> dict[str, Any]:
         return {
             "document_id": self.entry_id,
             "data_type": self.data_type,
-            "author_id": self.author_id,
+            **dict.fromkeys(self.author_keys, self.author_id),
             "content_hash": self.content_hash,
             "cleaned_content": self.cleaned_content,
             "chunk_index": None,
@@ -161,6 +167,7 @@ class EmbeddedChunk(BaseModel):
     chunk: Chunk
     model_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+    author_keys: ClassVar[tuple[str, ...]] = ("author_id",)  # payload keys of the author
 
     @classmethod
     def of(cls, document: ChunkedDocument, index: int, model_id: str) -> EmbeddedChunk:
@@ -183,11 +190,11 @@ class EmbeddedChunk(BaseModel):
         return {
             "document_id": self.entry_id,
             "data_type": self.data_type,
-            "author_id": self.author_id,
+            **dict.fromkeys(self.author_keys, self.author_id),
             "content_hash": self.content_hash,
             "chunk_index": self.chunk.chunk_index,
             "chunk_id": self.chunk.chunk_id,
-            "text": self.chunk.chunk_content,
+            "content": self.chunk.chunk_content,  # the key the course's retriever reads
             "model_id": self.model_id,
             "pipeline_version": PIPELINE_VERSION,
             **self.metadata,
@@ -208,6 +215,7 @@ class ArticleCleaned(CleanedDocument):
 
 class RepositoryCleaned(CleanedDocument):
     data_type: Literal["repositories"] = "repositories"
+    author_keys: ClassVar[tuple[str, ...]] = ("author_id", "owner_id")
 
 
 class PostChunked(ChunkedDocument):
@@ -232,6 +240,7 @@ class ArticleEmbeddedChunk(EmbeddedChunk):
 
 class RepositoryEmbeddedChunk(EmbeddedChunk):
     data_type: Literal["repositories"] = "repositories"
+    author_keys: ClassVar[tuple[str, ...]] = ("author_id", "owner_id")
 
 
 class StateModels(NamedTuple):

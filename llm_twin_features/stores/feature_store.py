@@ -21,7 +21,8 @@ from qdrant_client import QdrantClient, models
 
 SCROLL_PAGE = 1024
 UPSERT_BATCH = 256
-KEYWORD_INDEXES = ("document_id", "author_id")
+# Filtered keys: ours, and `owner_id`, the course retriever's author key for repositories.
+KEYWORD_INDEXES = ("document_id", "author_id", "owner_id")
 
 
 class FeatureStoreUnavailable(RuntimeError):
@@ -200,12 +201,17 @@ def open_feature_store(
         return FeatureStore(client, local=False)
 
     path = data_dir / "qdrant"
-    path.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + lock_timeout
     delay = 0.2
     while True:
         try:
+            path.mkdir(parents=True, exist_ok=True)
             return FeatureStore(QdrantClient(path=str(path)), local=True)
+        except (sqlite3.Error, OSError) as error:
+            raise FeatureStoreUnavailable(
+                f"the local feature store at {path} cannot be opened: {error}; free some disk "
+                "space and check that the folder is writable, then run the command again"
+            ) from error
         except RuntimeError as error:
             if "already accessed" not in str(error):
                 raise

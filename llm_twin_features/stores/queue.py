@@ -1,15 +1,21 @@
 """RabbitMQ: the durable queue of warehouse change events and its dead-letter queue.
 
 The topology is declared by the code (idempotently) on every connection:
-- `<queue>`: durable; messages rejected by a consumer go to the dead-letter exchange;
+- `<queue>`: a plain durable queue, no arguments: exactly what the original LLM Twin CDC
+  declares, so either side may declare it first (a broker refuses a second declare of a
+  queue with other arguments: 406 PRECONDITION_FAILED, channel closed). A queue that already
+  exists with other arguments (the dead-letter arguments of older versions of this project)
+  is used as it is, with a warning;
 - `<queue>.dlx` (direct exchange) -> `<queue>.dead-letter` (durable queue).
-Poison messages are republished to the dead-letter exchange with the reason in the
-`x-poison-reason` header, confirmed, and only then acked.
+Poison messages are republished to the dead-letter exchange by the consumer itself, with the
+reason in the `x-poison-reason` header, confirmed, and only then acked: the work queue needs
+no dead-letter arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +28,8 @@ from llm_twin_features.events import ChangeEvent
 
 POISON_REASON_HEADER = "x-poison-reason"
 POLL_INTERVAL = 0.05
+log = logging.getLogger(__name__)
+_reported: set[str] = set()  # topology warnings this process has logged already
 
 
 class BrokerUnavailable(RuntimeError):
@@ -74,18 +82,72 @@ def connect(config: BrokerConfig) -> pika.BlockingConnection:
         raise BrokerUnavailable(f"RabbitMQ at {config.address} unreachable: {reason}") from error
 
 
-def declare_topology(channel: Any, config: BrokerConfig) -> None:
-    channel.exchange_declare(config.dead_letter_exchange, exchange_type="direct", durable=True)
-    channel.queue_declare(config.dead_letter_queue, durable=True)
-    channel.queue_bind(config.dead_letter_queue, config.dead_letter_exchange, config.queue)
-    channel.queue_declare(
-        config.queue,
-        durable=True,
-        arguments={
-            "x-dead-letter-exchange": config.dead_letter_exchange,
-            "x-dead-letter-routing-key": config.queue,
-        },
-    )
+class TopologyConflict(BrokerUnavailable):
+    """The broker holds a queue or exchange of one of our names that cannot be used."""
+
+
+def _conflict(config: BrokerConfig, what: str, error: Exception) -> TopologyConflict:
+    code = getattr(error, "reply_code", None)
+    text = getattr(error, "reply_text", None) or str(error)
+    if code == 406:
+        advice = (
+            "it exists with other settings. Delete it once it is empty "
+            "(`rabbitmqctl delete_queue` / `delete_exchange`, or the management UI) and it is "
+            "declared again as expected, or set RABBITMQ_QUEUE to another name"
+        )
+    elif code == 405:
+        advice = "another connection holds it as an exclusive queue"
+    elif code == 403:
+        advice = f"the RabbitMQ user may not configure it on vhost {config.vhost!r}"
+    else:
+        advice = "RabbitMQ refused it"
+    return TopologyConflict(f"RabbitMQ at {config.address}: cannot use {what}: {advice} ({text})")
+
+
+def declare_topology(connection: Any, config: BrokerConfig) -> tuple[Any, list[str]]:
+    """Declares the dead-letter exchange and queue, and the work queue as a plain durable
+    queue; returns an open channel and warnings. A failed declare closes its channel, so
+    each attempt that may fail gets a new one."""
+    channel = connection.channel()
+    try:
+        channel.exchange_declare(config.dead_letter_exchange, exchange_type="direct", durable=True)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        raise _conflict(config, f"the exchange {config.dead_letter_exchange!r}", error) from error
+    try:
+        channel.queue_declare(config.dead_letter_queue, durable=True)
+        channel.queue_bind(config.dead_letter_queue, config.dead_letter_exchange, config.queue)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        raise _conflict(config, f"the queue {config.dead_letter_queue!r}", error) from error
+
+    refused: pika.exceptions.ChannelClosedByBroker | None = None
+    for _ in range(3):  # another client may create or delete the queue between two declares
+        try:
+            channel.queue_declare(config.queue, durable=True)
+            return channel, []
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != 406:
+                raise _conflict(config, f"the queue {config.queue!r}", error) from error
+            refused = error
+        # It exists, with other arguments or flags: use it as it is.
+        channel = connection.channel()
+        try:
+            channel.queue_declare(config.queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != 404:
+                raise _conflict(config, f"the queue {config.queue!r}", error) from error
+            channel = connection.channel()  # deleted meanwhile: declare it again
+            continue
+        warning = (
+            f"RabbitMQ queue {config.queue!r} exists with other arguments or flags than a plain "
+            f"durable queue ({getattr(refused, 'reply_text', '')}), e.g. the dead-letter "
+            "arguments of an older version of llm-twin-features: it is used as it is. A "
+            "producer that declares it as a plain durable queue (the original LLM Twin CDC "
+            "does) gets 406 PRECONDITION_FAILED: to fix that, stop the producers, let the "
+            "sensor drain the queue, delete it (`rabbitmqctl delete_queue`) and it is declared "
+            "again as a plain durable queue."
+        )
+        return channel, [warning]
+    raise _conflict(config, f"the queue {config.queue!r}", refused or RuntimeError("unstable"))
 
 
 class _Session:
@@ -95,17 +157,21 @@ class _Session:
         self.config = config
         self.connection: pika.BlockingConnection | None = None
         self.channel: Any = None
+        self.warnings: list[str] = []  # about the topology found on the broker
 
     def __enter__(self):
         self.connection = connect(self.config)
         try:
             with self._broker_errors("declaring the queues"):
-                self.channel = self.connection.channel()
+                self.channel, self.warnings = declare_topology(self.connection, self.config)
                 self.channel.confirm_delivery()
-                declare_topology(self.channel, self.config)
         except BrokerUnavailable:
             self.close()
             raise
+        for warning in self.warnings:
+            if warning not in _reported:  # once per process, not on every connection
+                _reported.add(warning)
+                log.warning(warning)
         return self
 
     @contextlib.contextmanager

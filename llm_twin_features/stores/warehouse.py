@@ -1,14 +1,18 @@
 """The document warehouse and the pipeline's own durable stage state, behind one adapter.
 
-`mongodb://` / `mongodb+srv://` URIs use pymongo; no URI selects montydb with sqlite storage
-under the data dir (embedded, multi-process safe). Both expose the pymongo collection API this
-module uses, so embedded and server modes share one code path. Stage state (validated raw
-documents, chunks, quarantine) lives in a second database next to the warehouse.
+`mongodb://` / `mongodb+srv://` URIs use pymongo; no URI selects the embedded warehouse: a
+montydb folder (sqlite storage) under the data dir, multi-process safe. Both kinds of
+collection offer the same few operations, so the pipeline has one code path. Stage state
+(validated raw documents, chunks, quarantine) lives in a second database next to the
+warehouse.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,20 @@ QUARANTINE = "quarantine"
 
 class WarehouseUnavailable(RuntimeError):
     """The warehouse could not be reached; nothing was written."""
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse operation failed (disk full, unreadable file, ...); the batch was not
+    written. The message names the store, where it is and what to do."""
+
+
+class UnreadableDocument(dict):
+    """A stored row that cannot be decoded: only its `_id`, and why. Readers quarantine it
+    instead of failing on the whole collection; `delete` can still remove it."""
+
+    def __init__(self, document_id: str, reason: str) -> None:
+        super().__init__(_id=document_id)
+        self.reason = reason
 
 
 def _montydb_client(path: Path):
@@ -37,16 +55,17 @@ def _mongo_client(uri: str):
     return pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=True)
 
 
-class Collection:
-    """The few collection operations the pipeline needs, fast on both backends.
+def _project(document: dict, fields: list[str] | None) -> dict:
+    if fields is None:
+        return document
+    return {k: v for k, v in document.items() if k == "_id" or k in fields}
 
-    montydb commits every single-document write (about 14 ms each), so writes are batched:
-    pymongo gets `bulk_write`, montydb a delete of the ids present followed by `insert_many`.
-    """
 
-    def __init__(self, collection: Any, embedded: bool) -> None:
+class MongoCollection:
+    """A pymongo collection: MongoDB writes each document atomically, `bulk_write` batches."""
+
+    def __init__(self, collection: Any) -> None:
         self._collection = collection
-        self._embedded = embedded
 
     @property
     def name(self) -> str:
@@ -63,7 +82,7 @@ class Collection:
         return self._collection.find_one({"_id": document_id})
 
     def ids(self) -> set[str]:
-        return {doc["_id"] for doc in self._collection.find({}, {"_id": 1})}
+        return {str(doc["_id"]) for doc in self._collection.find({}, {"_id": 1})}
 
     def count(self) -> int:
         return self._collection.count_documents({})
@@ -72,53 +91,211 @@ class Collection:
         documents = list({d["_id"]: d for d in documents}.values())  # last write of an id wins
         if not documents:
             return
-        if not self._embedded:
-            from pymongo import ReplaceOne
+        from pymongo import ReplaceOne
 
-            self._collection.bulk_write(
-                [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in documents], ordered=False
-            )
-            return
-        self.delete_many([d["_id"] for d in documents])
-        # montydb's insert_many rejects keys containing "." (repository file paths), which
-        # MongoDB accepts since 5.0; its storage layer skips that check as replace_one does.
-        self._collection._storage.write_many(self._collection, documents, check_keys=False)
+        self._collection.bulk_write(
+            [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in documents], ordered=False
+        )
 
     def delete_many(self, ids: Iterable[str]) -> int:
-        wanted = set(ids)
+        wanted = sorted(set(ids))
         if not wanted:
             return 0
-        if self._embedded:
-            # montydb matches `$in` by scanning the list: only ask for ids that exist.
-            wanted &= self.ids()
-            if not wanted:
+        return self._collection.delete_many({"_id": {"$in": wanted}}).deleted_count
+
+
+class EmbeddedCollection:
+    """A collection of the embedded warehouse: one SQLite file per collection, in montydb's
+    sqlite storage format (table `documents`, key = JSON of the id, value = JSON of the
+    document), so a montydb client still opens the folder.
+
+    Reads and writes go to SQLite directly rather than through montydb, because montydb
+    (a) replaced documents as delete-commit-insert, so a kill in between lost them, and two
+    writers of one id raised `UNIQUE constraint failed`; (b) decoded Extended JSON on read,
+    so a document holding `{"$date": "yesterday"}` made the whole collection unreadable.
+    Here every batch is one transaction (an upsert per row: all or nothing, last writer
+    wins), values are read back as the JSON that was written, and a row that cannot be
+    decoded comes back as an `UnreadableDocument` (or is skipped, for derived state that
+    its stage rebuilds) instead of failing its neighbours.
+    """
+
+    TIMEOUT_SECONDS = 60.0  # how long a writer waits for another writer's transaction
+    SQL_VARIABLES = 500  # ids per `IN (...)` query
+
+    def __init__(self, path: Path, keep_unreadable: bool) -> None:
+        self._path = path
+        self._keep_unreadable = keep_unreadable
+
+    @property
+    def name(self) -> str:
+        return self._path.stem
+
+    @contextmanager
+    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        try:
+            if not write and not self._path.exists():
+                yield sqlite3.connect(":memory:")  # an empty collection, created on first write
+                return
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(
+                self._path, timeout=self.TIMEOUT_SECONDS, isolation_level=None
+            )
+            try:
+                if write:
+                    connection.execute("PRAGMA journal_mode=WAL")
+                    connection.execute(
+                        "CREATE TABLE IF NOT EXISTS documents"
+                        "(k text NOT NULL, v text NOT NULL, PRIMARY KEY(k))"
+                    )
+                    connection.execute("BEGIN IMMEDIATE")
+                    yield connection
+                    connection.execute("COMMIT")
+                else:
+                    yield connection
+            finally:
+                connection.close()  # an open transaction is rolled back: nothing half-written
+        except sqlite3.Error as error:
+            raise WarehouseError(
+                f"embedded warehouse at {self._path}: {error}"
+                + (
+                    "; free some disk space and run the command again"
+                    if "full" in str(error) or "I/O" in str(error)
+                    else "; check that the file is readable and not damaged"
+                )
+            ) from error
+
+    def _rows(self, ids: Iterable[str] | None) -> Iterator[tuple[Any, Any]]:
+        with self._connection() as connection:
+            if not self._table_exists(connection):
+                return
+            if ids is None:
+                yield from connection.execute("SELECT k, v FROM documents")
+                return
+            keys = [_encode_key(i) for i in dict.fromkeys(ids)]
+            for start in range(0, len(keys), self.SQL_VARIABLES):
+                batch = keys[start : start + self.SQL_VARIABLES]
+                marks = ",".join("?" * len(batch))
+                yield from connection.execute(
+                    f"SELECT k, v FROM documents WHERE k IN ({marks})", batch
+                )
+
+    @staticmethod
+    def _table_exists(connection: sqlite3.Connection) -> bool:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'documents'"
+        return connection.execute(query).fetchone() is not None
+
+    def find(
+        self, ids: Iterable[str] | None = None, fields: list[str] | None = None
+    ) -> Iterator[dict]:
+        for key, value in self._rows(ids):
+            try:
+                document = json.loads(value)
+                if not isinstance(document, dict):
+                    raise ValueError(f"a {type(document).__name__}, not a document")
+            except (ValueError, RecursionError) as error:
+                if self._keep_unreadable:
+                    reason = f"stored document cannot be decoded: {str(error)[:200]}"
+                    yield UnreadableDocument(_decode_key(key), reason)
+                continue
+            document["_id"] = _decode_key(key)
+            yield _project(document, fields)
+
+    def get(self, document_id: str) -> dict | None:
+        return next(self.find([document_id]), None)
+
+    def ids(self) -> set[str]:
+        with self._connection() as connection:
+            if not self._table_exists(connection):
+                return set()
+            return {_decode_key(k) for (k,) in connection.execute("SELECT k FROM documents")}
+
+    def count(self) -> int:
+        with self._connection() as connection:
+            if not self._table_exists(connection):
                 return 0
-        return self._collection.delete_many({"_id": {"$in": sorted(wanted)}}).deleted_count
+            return connection.execute("SELECT count(*) FROM documents").fetchone()[0]
+
+    def replace_many(self, documents: list[dict]) -> None:
+        rows = {}
+        for document in documents:  # encoded before the transaction: a bad one writes nothing
+            body = {k: v for k, v in document.items() if k != "_id"}
+            rows[_encode_key(document["_id"])] = json.dumps(
+                {"_id": document["_id"], **body}
+            ).encode()
+        if not rows:
+            return
+        with self._connection(write=True) as connection:
+            connection.executemany(
+                "INSERT INTO documents(k, v) VALUES (?, ?) "
+                "ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                rows.items(),
+            )
+
+    def delete_many(self, ids: Iterable[str]) -> int:
+        keys = [(_encode_key(i),) for i in set(ids)]
+        if not keys or not self._path.exists():
+            return 0
+        with self._connection(write=True) as connection:
+            before = connection.total_changes
+            connection.executemany("DELETE FROM documents WHERE k = ?", keys)
+            return connection.total_changes - before
+
+
+def _encode_key(document_id: Any) -> bytes:
+    """montydb's key encoding (without bson): the id as JSON, as bytes."""
+    return json.dumps(document_id).encode()
+
+
+def _decode_key(key: Any) -> str:
+    """The id a key stands for, as a string (montydb writes ObjectIds as `{"$oid": hex}`)."""
+    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, dict) and isinstance(value.get("$oid"), str):
+        return value["$oid"]
+    return value if isinstance(value, str) else text
+
+
+Collection = MongoCollection | EmbeddedCollection
 
 
 @dataclass
 class Warehouse:
-    """Warehouse collections (one per data type) and the stage state next to them."""
+    """Warehouse collections (one per data type) and the stage state next to them.
+
+    `client` is the pymongo client in server mode, and a montydb client on the embedded
+    folder otherwise (kept for tools that speak pymongo's API; the collections here read and
+    write the folder's SQLite files themselves). `root` is that folder (None in server mode).
+    """
 
     client: Any
     database: str
     features_database: str
     embedded: bool
+    root: Path | None = None
+
+    def _collection(self, database: str, name: str, keep_unreadable: bool) -> Collection:
+        if self.root is not None:
+            return EmbeddedCollection(self.root / database / f"{name}.collection", keep_unreadable)
+        return MongoCollection(self.client[database][name])
 
     def documents(self, data_type: str) -> Collection:
+        """The user's documents: a row that cannot be read comes back as UnreadableDocument."""
         self._check_type(data_type)
-        return Collection(self.client[self.database][data_type], self.embedded)
+        return self._collection(self.database, data_type, keep_unreadable=True)
 
     def raw_state(self, data_type: str) -> Collection:
         self._check_type(data_type)
-        return Collection(self.client[self.features_database][f"raw_{data_type}"], self.embedded)
+        return self._collection(self.features_database, f"raw_{data_type}", False)
 
     def chunk_state(self, data_type: str) -> Collection:
         self._check_type(data_type)
-        return Collection(self.client[self.features_database][f"chunks_{data_type}"], self.embedded)
+        return self._collection(self.features_database, f"chunks_{data_type}", False)
 
     def quarantine(self) -> Collection:
-        return Collection(self.client[self.features_database][QUARANTINE], self.embedded)
+        return self._collection(self.features_database, QUARANTINE, False)
 
     def quarantined(self, data_type: str) -> list[dict]:
         return [q for q in self.quarantine().find() if q.get("data_type") == data_type]
@@ -147,6 +324,12 @@ def open_warehouse(
         if not mongo_uri.startswith(("mongodb://", "mongodb+srv://")):
             raise ValueError("MONGO_URI must start with mongodb:// or mongodb+srv://")
         return Warehouse(_mongo_client(mongo_uri), database, features_database, embedded=False)
-    return Warehouse(
-        _montydb_client(data_dir / "warehouse"), database, features_database, embedded=True
-    )
+    root = data_dir / "warehouse"
+    try:
+        client = _montydb_client(root)
+    except OSError as error:
+        raise WarehouseError(
+            f"embedded warehouse at {root}: {error}; check the path (LLM_TWIN_DATA_DIR), its "
+            "permissions and free disk space"
+        ) from error
+    return Warehouse(client, database, features_database, embedded=True, root=root)
