@@ -231,8 +231,8 @@ def single_event_figures(latencies: list[float], breakdown: list[dict]) -> dict:
 def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
     import dagster as dg
 
-    from llm_twin_features.events import ChangeEvent
-    from llm_twin_features.local_stack import LocalStack, free_port
+    from llm_twin_features.events.schema import ChangeEvent
+    from llm_twin_features.runtime.local_stack import LocalStack, free_port
     from llm_twin_features.settings import Settings
     from llm_twin_features.stores.queue import EventPublisher
     from llm_twin_features.stores.warehouse import open_warehouse

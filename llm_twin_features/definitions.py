@@ -7,16 +7,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm_twin_features.assets import feature_assets, warehouse_documents
-from llm_twin_features.checks import PIPELINE_SELECTION, audit_job, warehouse_audit
-from llm_twin_features.resources import (
+from llm_twin_features.defs.assets import feature_assets, warehouse_documents
+from llm_twin_features.defs.checks import PIPELINE_SELECTION, audit_job, warehouse_audit
+from llm_twin_features.defs.resources import (
     EmbeddingResource,
     EventBrokerResource,
     FeatureStoreResource,
     WarehouseResource,
 )
-from llm_twin_features.schedules import build_audit_schedule
-from llm_twin_features.sensors import (
+from llm_twin_features.defs.schedules import build_audit_schedule
+from llm_twin_features.defs.sensors import (
     audit_repair_job,
     audit_repair_sensor,
     build_sensor,

@@ -10,9 +10,9 @@ import pytest
 from qdrant_client import models
 
 from llm_twin_features import cli
-from llm_twin_features.assets import scoped_run_config
-from llm_twin_features.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT
 from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
+from llm_twin_features.defs.assets import scoped_run_config
+from llm_twin_features.defs.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT
 from llm_twin_features.domain.models import chunk_point_id, document_point_id
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import cleaned_collection, vector_collection
@@ -182,8 +182,8 @@ def test_repair_skips_documents_that_runs_since_the_audit_cover(backfilled):
 
 def test_a_scoped_audit_looks_at_its_documents_only(backfilled):
     """The in-asset check of an event run audits the run's documents, not the partition."""
-    from llm_twin_features.audit import audit
     from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+    from llm_twin_features.pipeline.audit import audit
 
     drift = make_drift()
     settings = Settings()

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 import pytest
 from pymongo.errors import AutoReconnect
 
-from llm_twin_features import cdc, cli
+from llm_twin_features import cli
+from llm_twin_features.events import cdc
 from llm_twin_features.stores.queue import EventInbox
 from llm_twin_features.stores.warehouse import Warehouse, open_warehouse
 

@@ -162,7 +162,7 @@ def test_asset_materialize_from_the_dagster_cli(data_dir, tmp_path):
 
 def test_no_helper_model_server_when_one_is_configured_or_a_model_is_loaded(monkeypatch):
     from llm_twin_features.domain.embedding import load_local_model
-    from llm_twin_features.local_stack import helper_model_server
+    from llm_twin_features.runtime.local_stack import helper_model_server
     from llm_twin_features.settings import BUNDLED_MODEL, Settings
 
     with helper_model_server(Settings(embedding_service_url="http://models:8765")) as url:

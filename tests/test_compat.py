@@ -31,9 +31,9 @@ import pytest
 from qdrant_client import QdrantClient, models
 
 from llm_twin_features import cli
+from llm_twin_features.defs.sensors import WAREHOUSE_EVENTS_JOB
 from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
-from llm_twin_features.events import ChangeEvent
-from llm_twin_features.sensors import WAREHOUSE_EVENTS_JOB
+from llm_twin_features.events.schema import ChangeEvent
 from llm_twin_features.settings import DATA_TYPES, Settings
 from llm_twin_features.stores.queue import BrokerConfig, EventInbox, EventPublisher
 

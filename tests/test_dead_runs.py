@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.dead_runs import HOST_TAG, PID_TAG, release_dead_runs
+from llm_twin_features.runtime.dead_runs import HOST_TAG, PID_TAG, release_dead_runs
 
 from .conftest import SAMPLE_CORPUS
 
@@ -135,7 +135,7 @@ def test_a_run_whose_process_is_a_zombie_is_released():
 def test_a_run_whose_pid_was_reused_is_released():
     """The pid recorded for a run now belongs to another process (started later): the run's
     own process is gone."""
-    from llm_twin_features.dead_runs import START_TAG, owner_tags
+    from llm_twin_features.runtime.dead_runs import START_TAG, owner_tags
 
     with dg.instance_for_test() as instance:
         own = owner_tags()

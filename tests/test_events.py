@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from llm_twin_features.event_sync import Batch, SensorCursor, plan_tick
-from llm_twin_features.events import ChangeEvent, PoisonMessage, parse_event
+from llm_twin_features.events.planning import Batch, SensorCursor, plan_tick
+from llm_twin_features.events.schema import ChangeEvent, PoisonMessage, parse_event
 from llm_twin_features.stores.queue import Delivery
 
 

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.local_stack import LocalStack, free_port
-from llm_twin_features.run_launcher import LAUNCHED_BY_TAG, PRESTARTED
+from llm_twin_features.runtime.local_stack import LocalStack, free_port
+from llm_twin_features.runtime.run_launcher import LAUNCHED_BY_TAG, PRESTARTED
 from llm_twin_features.settings import Settings
 
 from .conftest import SAMPLE_CORPUS
@@ -55,7 +55,7 @@ def prestarted_processes(dagster_home) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if "llm_twin_features.run_worker" in (process.info["cmdline"] or []) and (
+            if "llm_twin_features.runtime.run_worker" in (process.info["cmdline"] or []) and (
                 process.environ().get("DAGSTER_HOME") == str(dagster_home)
             ):
                 found.append(process)

@@ -29,17 +29,22 @@ import psutil
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.assets import STORE_RETRY, feature_assets, raw_documents, scoped_run_config
 from llm_twin_features.definitions import (
     FEATURE_PIPELINE_JOB,
     build_definitions,
     build_resources,
     feature_pipeline_job,
 )
-from llm_twin_features.event_sync import SensorCursor
-from llm_twin_features.events import ChangeEvent
-from llm_twin_features.resources import FeatureStoreResource
-from llm_twin_features.sensors import WAREHOUSE_EVENTS_JOB
+from llm_twin_features.defs.assets import (
+    STORE_RETRY,
+    feature_assets,
+    raw_documents,
+    scoped_run_config,
+)
+from llm_twin_features.defs.resources import FeatureStoreResource
+from llm_twin_features.defs.sensors import WAREHOUSE_EVENTS_JOB
+from llm_twin_features.events.planning import SensorCursor
+from llm_twin_features.events.schema import ChangeEvent
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import (
     cleaned_collection,

@@ -13,8 +13,8 @@ import pytest
 
 from llm_twin_features.domain.chunking import ChunkingConfig, TokenWindow, chunk_text
 from llm_twin_features.domain.embedding import Embedder, load_local_model, load_model
-from llm_twin_features.local_stack import free_port
-from llm_twin_features.model_server import ModelServiceUnavailable, RemoteModel, serve
+from llm_twin_features.runtime.local_stack import free_port
+from llm_twin_features.runtime.model_server import ModelServiceUnavailable, RemoteModel, serve
 from llm_twin_features.settings import BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION
 
 TEXTS = ["Qdrant stores the vectors.", "MongoDB keeps the raw documents; RabbitMQ the events."]

@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 from llm_twin_features.domain.dispatchers import CleaningDispatcher, EmbeddingDispatcher
 from llm_twin_features.domain.models import chunk_point_id, document_point_id
-from llm_twin_features.pipeline import describe_error, validate
+from llm_twin_features.pipeline.stages import describe_error, validate
 from llm_twin_features.settings import Settings
 
 from .conftest import sample_documents

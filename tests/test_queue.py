@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from llm_twin_features.events import ChangeEvent
+from llm_twin_features.events.schema import ChangeEvent
 from llm_twin_features.stores.queue import (
     POISON_REASON_HEADER,
     BrokerUnavailable,

@@ -11,7 +11,7 @@ from dagster._core.test_utils import create_run_for_test
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
 from llm_twin_features import cli
-from llm_twin_features.run_coordinator import LaunchWhenIdleRunCoordinator
+from llm_twin_features.runtime.run_coordinator import LaunchWhenIdleRunCoordinator
 
 JOB = "feature_pipeline_job"
 

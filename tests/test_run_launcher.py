@@ -1,8 +1,8 @@
-"""The laptop's run launcher (llm_twin_features/run_launcher.py) on a real instance: runs go to
-a process started ahead of time, the usual code-server launch takes over when that process
-cannot run the code as it is now, termination cancels, a run whose process is killed outright
-fails and frees its pool slot, and no ready process outlives its launcher. The daemon's use of
-it is exercised by tests/test_events_e2e.py."""
+"""The laptop's run launcher (llm_twin_features/runtime/run_launcher.py) on a real instance:
+runs go to a process started ahead of time, the usual code-server launch takes over when that
+process cannot run the code as it is now, termination cancels, a run whose process is killed
+outright fails and frees its pool slot, and no ready process outlives its launcher. The
+daemon's use of it is exercised by tests/test_events_e2e.py."""
 
 from __future__ import annotations
 
@@ -27,15 +27,18 @@ from dagster._core.workspace.load_target import ModuleTarget
 from dagster._serdes import serialize_value
 
 from llm_twin_features import cli
-from llm_twin_features.dead_runs import PID_TAG, release_dead_runs
-from llm_twin_features.run_launcher import (
+from llm_twin_features.runtime.dead_runs import PID_TAG, release_dead_runs
+from llm_twin_features.runtime.run_launcher import (
     LAUNCHED_BY_TAG,
     PRESTARTED,
     PrestartedProcessRunLauncher,
 )
 
 MODULE = "prestarted_code_location"
-LAUNCHER = {"module": "llm_twin_features.run_launcher", "class": "PrestartedProcessRunLauncher"}
+LAUNCHER = {
+    "module": "llm_twin_features.runtime.run_launcher",
+    "class": "PrestartedProcessRunLauncher",
+}
 
 
 @pytest.fixture
@@ -166,7 +169,7 @@ def test_a_ready_process_does_not_outlive_its_launcher(instance, location):
     script = textwrap.dedent(
         f"""
         import os, sys
-        from llm_twin_features.run_launcher import PrestartedRunProcess
+        from llm_twin_features.runtime.run_launcher import PrestartedRunProcess
         ready = PrestartedRunProcess(sys.executable, {serialize_value(origin)!r})
         print(ready.pid, flush=True)
         os._exit(0)

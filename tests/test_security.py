@@ -27,8 +27,8 @@ import dagster as dg
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.assets import raw_documents
 from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions, build_resources
+from llm_twin_features.defs.assets import raw_documents
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import open_feature_store
 from llm_twin_features.stores.queue import BrokerUnavailable, EventPublisher
@@ -431,7 +431,7 @@ def test_credentials_set_in_the_environment_are_used(data_dir, broker, monkeypat
     header on every request of `llm-twin-features status` and of the Dagster resource.
     MongoDB: the user, password and authSource of MONGO_URI are the credentials pymongo holds,
     from both paths (no MongoDB server runs here to log in to)."""
-    from llm_twin_features.events import ChangeEvent
+    from llm_twin_features.events.schema import ChangeEvent
 
     monkeypatch.setenv("RABBITMQ_USER", "guest")
     monkeypatch.setenv("RABBITMQ_PASSWORD", "guest")  # the local broker's loopback account

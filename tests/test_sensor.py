@@ -12,8 +12,8 @@ import pytest
 
 from llm_twin_features import cli
 from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
-from llm_twin_features.resources import EventBrokerResource
-from llm_twin_features.sensors import WAREHOUSE_EVENTS_JOB
+from llm_twin_features.defs.resources import EventBrokerResource
+from llm_twin_features.defs.sensors import WAREHOUSE_EVENTS_JOB
 from llm_twin_features.stores.queue import POISON_REASON_HEADER, EventInbox, EventPublisher
 
 from .conftest import SAMPLE_CORPUS

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.pipeline import ingest_raw
+from llm_twin_features.pipeline.stages import ingest_raw
 from llm_twin_features.stores.warehouse import UnreadableDocument, open_warehouse
 
 CLI = [sys.executable, "-m", "llm_twin_features.cli"]

@@ -116,7 +116,7 @@ def loaded_models() -> list[str]:
 def load_model(model_id: str, service_url: str | None = None):
     """The model served at `service_url` when it answers, else a local instance."""
     if service_url:
-        from llm_twin_features.model_server import ModelServiceUnavailable, RemoteModel
+        from llm_twin_features.runtime.model_server import ModelServiceUnavailable, RemoteModel
 
         try:
             return RemoteModel(service_url, model_id)

@@ -24,7 +24,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from llm_twin_features.events import ChangeEvent
+from llm_twin_features.events.schema import ChangeEvent
 
 POISON_REASON_HEADER = "x-poison-reason"
 POLL_INTERVAL = 0.05

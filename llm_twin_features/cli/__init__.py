@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llm_twin_features.settings import DATA_TYPES, Settings
 
-REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+REPO_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "dagster.yaml"
 
 
 def _err(message: str) -> None:
@@ -210,7 +210,7 @@ def cmd_delete(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _event(data_type: str, entry_id: str, op: str):
-    from llm_twin_features.events import ChangeEvent
+    from llm_twin_features.events.schema import ChangeEvent
 
     return ChangeEvent(type=data_type, entry_id=entry_id, op=op)
 
@@ -241,7 +241,7 @@ def cmd_cdc(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
-    from llm_twin_features import cdc
+    from llm_twin_features.events import cdc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
@@ -287,7 +287,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress."""
-    from llm_twin_features.local_stack import helper_model_server
+    from llm_twin_features.runtime.local_stack import helper_model_server
 
     # First: the model loads in a helper process while Dagster is imported here.
     with helper_model_server(settings) as model_server:
@@ -302,9 +302,9 @@ def _run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigg
     home = prepare_dagster_home(settings)
     import dagster as dg
 
-    from llm_twin_features.assets import FEATURE_STORE_POOL, feature_assets
-    from llm_twin_features.dead_runs import release_dead_runs
     from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
+    from llm_twin_features.defs.assets import FEATURE_STORE_POOL, feature_assets
+    from llm_twin_features.runtime.dead_runs import release_dead_runs
 
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
     failed = []
@@ -433,8 +433,8 @@ def _print_hits(query: str, hits: list, as_json: bool) -> None:
 
 
 def _audits(settings: Settings, data_types: list[str]) -> list:
-    from llm_twin_features.audit import audit
     from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+    from llm_twin_features.pipeline.audit import audit
 
     with _warehouse(settings) as warehouse, _feature_store(settings) as store:
         return [
@@ -540,7 +540,7 @@ def cmd_serve_models(args: argparse.Namespace, settings: Settings) -> int:
     import threading
 
     from llm_twin_features.domain.embedding import encode_workers
-    from llm_twin_features.model_server import serve
+    from llm_twin_features.runtime.model_server import serve
 
     models = list(dict.fromkeys([settings.embedding_model, settings.code_embedding_model]))
     stop = threading.Event()
@@ -577,7 +577,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """The laptop stack: the model server, then `dagster dev` (UI, daemon, sensor)."""
     import signal
 
-    from llm_twin_features.local_stack import LocalStack
+    from llm_twin_features.runtime.local_stack import LocalStack
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt

@@ -5,16 +5,16 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from llm_twin_features.assets import FEATURE_STORE_POOL, scoped_run_config
-from llm_twin_features.checks import (
+from llm_twin_features.defs.assets import FEATURE_STORE_POOL, scoped_run_config
+from llm_twin_features.defs.checks import (
     PIPELINE_SELECTION,
     REPAIR_IDS_KEY,
     WAREHOUSE_AUDIT,
     audit_job,
 )
-from llm_twin_features.dead_runs import release_dead_runs
-from llm_twin_features.event_sync import Batch, SensorCursor, plan_tick
-from llm_twin_features.resources import EventBrokerResource
+from llm_twin_features.defs.resources import EventBrokerResource
+from llm_twin_features.events.planning import Batch, SensorCursor, plan_tick
+from llm_twin_features.runtime.dead_runs import release_dead_runs
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.queue import BrokerUnavailable, EventInbox
 

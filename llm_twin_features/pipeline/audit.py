@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import PIPELINE_VERSION
-from llm_twin_features.pipeline import DEFAULT_MAX_DOCUMENT_CHARS, admit
+from llm_twin_features.pipeline.stages import DEFAULT_MAX_DOCUMENT_CHARS, admit
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
     cleaned_collection,

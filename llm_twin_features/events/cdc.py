@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from llm_twin_features.events import ChangeEvent
+from llm_twin_features.events.schema import ChangeEvent
 from llm_twin_features.settings import DATA_TYPES
 from llm_twin_features.stores.queue import BrokerConfig, BrokerUnavailable, EventPublisher
 from llm_twin_features.stores.warehouse import Warehouse

@@ -7,7 +7,7 @@ the code location was edited after this process started (the launcher then start
 the usual way: an edit never runs with old code). End of stdin (the launcher closed it, or
 its process is gone) or Ctrl-C while waiting ends it quietly.
 
-Usage: python -m llm_twin_features.run_worker SERIALIZED_REPOSITORY_ORIGIN REPLY_FD
+Usage: python -m llm_twin_features.runtime.run_worker SERIALIZED_REPOSITORY_ORIGIN REPLY_FD
 """
 
 from __future__ import annotations

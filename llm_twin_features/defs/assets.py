@@ -8,11 +8,15 @@ did as materialization metadata. Assets that open the feature store share the
 import dagster as dg
 from pydantic import Field
 
-from llm_twin_features import pipeline
-from llm_twin_features.audit import AuditReport, audit
+from llm_twin_features.defs.partitions import data_type_partitions
+from llm_twin_features.defs.resources import (
+    EmbeddingResource,
+    FeatureStoreResource,
+    WarehouseResource,
+)
 from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
-from llm_twin_features.partitions import data_type_partitions
-from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
+from llm_twin_features.pipeline import stages as pipeline
+from llm_twin_features.pipeline.audit import AuditReport, audit
 
 GROUP = "feature_pipeline"
 # A store that is briefly unreachable (or a Qdrant local folder held too long) fails the step

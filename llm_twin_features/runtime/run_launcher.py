@@ -39,8 +39,8 @@ from dagster._core.origin import RepositoryPythonOrigin
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import serialize_value
 
-from llm_twin_features.dead_runs import HOST_TAG, PID_TAG, owner_tags, process_gone
-from llm_twin_features.run_worker import RUN
+from llm_twin_features.runtime.dead_runs import HOST_TAG, PID_TAG, owner_tags, process_gone
+from llm_twin_features.runtime.run_worker import RUN
 
 LAUNCHED_BY_TAG = "llm_twin/launched_by"
 PRESTARTED = "prestarted-process"
@@ -69,7 +69,7 @@ class PrestartedRunProcess:
                 [
                     executable,
                     "-m",
-                    "llm_twin_features.run_worker",
+                    "llm_twin_features.runtime.run_worker",
                     serialized_origin,
                     str(write_fd),
                 ],

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from llm_twin_features.dead_runs import owner_tags
+from llm_twin_features.runtime.dead_runs import owner_tags
 from llm_twin_features.settings import (
     BUNDLED_MODEL,
     DEFAULT_CODE_INSTRUCTION,

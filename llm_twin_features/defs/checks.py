@@ -9,15 +9,19 @@ that failed for good, is healed within one audit period.
 import dagster as dg
 from pydantic import Field
 
-from llm_twin_features.assets import (
+from llm_twin_features.defs.assets import (
     FEATURE_STORE_POOL,
     STORE_RETRY,
     embedded_chunks,
     feature_assets,
 )
-from llm_twin_features.audit import audit
+from llm_twin_features.defs.resources import (
+    EmbeddingResource,
+    FeatureStoreResource,
+    WarehouseResource,
+)
 from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
-from llm_twin_features.resources import EmbeddingResource, FeatureStoreResource, WarehouseResource
+from llm_twin_features.pipeline.audit import audit
 from llm_twin_features.settings import DATA_TYPES
 
 WAREHOUSE_AUDIT = "warehouse_audit"

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from llm_twin_features.checks import AuditConfig, audit_job, warehouse_audit
+from llm_twin_features.defs.checks import AuditConfig, audit_job, warehouse_audit
 from llm_twin_features.settings import Settings
 
 

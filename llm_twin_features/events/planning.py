@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from llm_twin_features.events import ChangeEvent, PoisonMessage, parse_event
+from llm_twin_features.events.schema import ChangeEvent, PoisonMessage, parse_event
 from llm_twin_features.stores.queue import Delivery
 
 COVERED_CAP = 2000  # event ids remembered after their run exists

@@ -22,7 +22,7 @@ from typing import IO
 
 from llm_twin_features.settings import Settings
 
-REPO_WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
+REPO_WORKSPACE = Path(__file__).resolve().parents[2] / "workspace.yaml"
 BIN = Path(sys.executable).parent
 
 

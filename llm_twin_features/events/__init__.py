@@ -1,0 +1,1 @@
+"""Warehouse change events: the message schema, tick planning and the CDC publisher."""

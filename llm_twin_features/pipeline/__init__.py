@@ -1,0 +1,1 @@
+"""The stages and the audit: what a run does, free of Dagster."""
