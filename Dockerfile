@@ -50,11 +50,13 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# Then the package (the source stays here too, with the sample corpus for the ingest demo).
+# Then the package, installed in place: `definitions.py` loads the `defs/` folder through the
+# `dg` project (pyproject.toml's [tool.dg]) it finds beside the source; the sample corpus for
+# the ingest demo stays here too.
 COPY README.md ./
 COPY llm_twin_features ./llm_twin_features
-RUN pip install --no-deps . \
-    && rm -rf build ./*.egg-info
+RUN pip install --no-deps -e . \
+    && rm -rf build
 
 # The stack's Dagster instance and workspace (the laptop ones are the top-level files).
 COPY deploy/dagster.yaml deploy/workspace.yaml /opt/dagster/home/

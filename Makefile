@@ -37,9 +37,13 @@ run: install $(DAGSTER_HOME)/dagster.yaml
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(CLI) dev --port 3000
 
+# Style, the import contracts (pyproject.toml), types, and the definitions as Dagster loads them.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) DAGSTER_HOME=$$(mktemp -d) $(BIN)/dg check defs
 
 # The venv's tools (hadolint, compose) first on PATH: the deployment tests call them.
 test: install lint

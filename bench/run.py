@@ -35,7 +35,7 @@ MODEL_LOAD_PROBE = """
 import time
 started = time.perf_counter()
 from llm_twin_features.domain.embedding import load_local_model
-from llm_twin_features.settings import BUNDLED_MODEL
+from llm_twin_features.domain.embedding import BUNDLED_MODEL
 load_local_model(BUNDLED_MODEL)
 print(time.perf_counter() - started)
 """
@@ -97,7 +97,7 @@ def bench_backfill(env: dict, home: Path, corpus: Path) -> dict:
 
     # The baseline is the fastest single `model.encode` call over a few batch sizes (the
     # pipeline's own among them): the model's speed on this machine, not a straw man.
-    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
 
     bare_by_batch_size: dict[int, float] = {}
     for batch_size in sorted({16, 32, 64, settings.embedding_batch_size}):

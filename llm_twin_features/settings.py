@@ -12,9 +12,9 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DATA_TYPES: tuple[str, ...] = ("posts", "articles", "repositories")
+from llm_twin_features.domain.embedding import BUNDLED_MODEL, DEFAULT_BATCH_SIZE
+from llm_twin_features.domain.validation import DEFAULT_MAX_DOCUMENT_CHARS
 
-BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
 DEFAULT_CODE_INSTRUCTION = "Represent the code snippet for retrieval:"
 DEFAULT_CODE_QUERY_INSTRUCTION = "Represent the question for retrieving relevant code:"
 
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
     code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
     # Texts per encode batch: 16 is fastest on a CPU (less padding); a GPU wants 64-256.
-    embedding_batch_size: int = 16
+    embedding_batch_size: int = DEFAULT_BATCH_SIZE
     # Parallel encode workers (one torch thread each) for a local model on a CPU; 0: one per
     # core, at most 8. A GPU or the model server's clients ignore it.
     embedding_workers: int = Field(default=0, ge=0)
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     audit_cron: str = "*/10 * * * *"
     audit_repair_cap: int = 500
     # A document with more text is quarantined instead of embedded (~2,000 chunks).
-    max_document_chars: int = 1_000_000
+    max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS
     # The model server (`llm-twin-features serve-models`); unset: runs load models themselves.
     embedding_service_url: str | None = None
 

@@ -7,15 +7,16 @@ import json
 
 import dagster as dg
 import pytest
-from qdrant_client import models
 
 from llm_twin_features import cli
-from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
+from llm_twin_features.cli.common import feature_store_of, warehouse_of
+from llm_twin_features.definitions import build_definitions
 from llm_twin_features.defs.assets import scoped_run_config
 from llm_twin_features.defs.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT
+from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
 from llm_twin_features.domain.models import chunk_point_id, document_point_id
 from llm_twin_features.settings import Settings
-from llm_twin_features.stores.feature_store import cleaned_collection, vector_collection
+from llm_twin_features.stores.feature_store import Point, cleaned_collection, vector_collection
 
 from .conftest import SAMPLE_CORPUS
 
@@ -33,7 +34,7 @@ def backfilled(data_dir, tmp_path, monkeypatch):
 
 
 def article_ids() -> list[str]:
-    with cli._warehouse(Settings()) as warehouse:
+    with warehouse_of(Settings()) as warehouse:
         return sorted(warehouse.documents("articles").ids() - {LONG_ARTICLE})
 
 
@@ -48,12 +49,12 @@ def make_drift() -> dict[str, str]:
         "wrong_model": ids[3],
         "orphans": "ghost-article",
     }
-    with cli._warehouse(Settings()) as warehouse:
+    with warehouse_of(Settings()) as warehouse:
         articles = warehouse.documents("articles")
         stale = articles.get(drift["stale"])
         stale["content"]["Content"] += "\n\nA late correction."
         articles.replace_many([stale])
-    with cli._feature_store(Settings()) as store:
+    with feature_store_of(Settings()) as store:
         vectors = vector_collection("articles")
         store.delete_points(
             cleaned_collection("articles"), [document_point_id("articles", drift["missing"])]
@@ -65,16 +66,12 @@ def make_drift() -> dict[str, str]:
         (point,) = list(store.points(vectors, [drift["wrong_model"]], with_vectors=True))[:1]
         store.upsert(
             vectors,
-            [
-                models.PointStruct(
-                    id=point.id, vector=point.vector, payload={**point.payload, "model_id": "old"}
-                )
-            ],
+            [Point(id=point.id, vector=point.vector, payload={**point.payload, "model_id": "old"})],
         )
         store.upsert(
             vectors,
             [
-                models.PointStruct(
+                Point(
                     id="00000000-0000-4000-8000-0000000000aa",
                     vector=point.vector,
                     payload={**point.payload, "document_id": "ghost-article"},
@@ -182,14 +179,14 @@ def test_repair_skips_documents_that_runs_since_the_audit_cover(backfilled):
 
 def test_a_scoped_audit_looks_at_its_documents_only(backfilled):
     """The in-asset check of an event run audits the run's documents, not the partition."""
-    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
     from llm_twin_features.pipeline.audit import audit
+    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
 
     drift = make_drift()
     settings = Settings()
     embedder = EmbeddingDispatcher.embedder("articles", settings)
     clean = [i for i in article_ids() if i not in drift.values() and not i.startswith("invalid-")]
-    with cli._warehouse(settings) as warehouse, cli._feature_store(settings) as store:
+    with warehouse_of(settings) as warehouse, feature_store_of(settings) as store:
         whole = audit(warehouse, store, "articles", embedder)
         others = audit(warehouse, store, "articles", embedder, scope=clean[:3])
         pair = [drift["missing"], "ghost-article"]

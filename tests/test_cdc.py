@@ -82,7 +82,7 @@ class ScriptedClient:
 
         class Database:
             def watch(self, pipeline, resume_after=None, max_await_time_ms=None):
-                assert pipeline == cdc.CHANGE_PIPELINE
+                assert pipeline == cdc.change_pipeline()
                 client.resumed_after.append(resume_after)
                 start = 0
                 if resume_after is not None:

@@ -9,9 +9,8 @@ from llm_twin_features.domain.chunking import (
     split_on_tokens,
 )
 from llm_twin_features.domain.dispatchers import ChunkingDispatcher
-from llm_twin_features.domain.embedding import Embedder
+from llm_twin_features.domain.embedding import BUNDLED_MODEL, Embedder
 from llm_twin_features.domain.models import CleanedDocument
-from llm_twin_features.settings import BUNDLED_MODEL
 
 PARAGRAPH = (
     "Feature pipelines turn raw crawled documents into features. They clean the text, split it "
@@ -109,5 +108,5 @@ def test_dispatcher_chunks_with_per_type_config(embedder: Embedder):
 
 
 def test_unknown_type_raises_value_error():
-    with pytest.raises(ValueError, match="no chunking handler for data type 'videos'"):
+    with pytest.raises(ValueError, match="unknown data type 'videos'"):
         ChunkingDispatcher.signature("videos", Embedder(BUNDLED_MODEL))

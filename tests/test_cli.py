@@ -60,7 +60,7 @@ def test_ingest_reports_bad_lines_and_keeps_the_good_ones(data_dir, tmp_path, ca
     assert f"{source}:6: a line must be a JSON object" in err
     assert "ingested 2 documents (posts: 1, articles: 1, repositories: 0); 3 bad lines" in out
 
-    from llm_twin_features.cli import _warehouse
+    from llm_twin_features.cli.common import warehouse_of as _warehouse
     from llm_twin_features.settings import Settings
 
     with _warehouse(Settings()) as warehouse:
@@ -161,9 +161,9 @@ def test_asset_materialize_from_the_dagster_cli(data_dir, tmp_path):
 
 
 def test_no_helper_model_server_when_one_is_configured_or_a_model_is_loaded(monkeypatch):
-    from llm_twin_features.domain.embedding import load_local_model
+    from llm_twin_features.domain.embedding import BUNDLED_MODEL, load_local_model
     from llm_twin_features.runtime.local_stack import helper_model_server
-    from llm_twin_features.settings import BUNDLED_MODEL, Settings
+    from llm_twin_features.settings import Settings
 
     with helper_model_server(Settings(embedding_service_url="http://models:8765")) as url:
         assert url is None

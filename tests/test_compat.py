@@ -31,10 +31,12 @@ import pytest
 from qdrant_client import QdrantClient, models
 
 from llm_twin_features import cli
-from llm_twin_features.defs.sensors import WAREHOUSE_EVENTS_JOB
-from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+from llm_twin_features.defs.jobs import WAREHOUSE_EVENTS_JOB
+from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.events.schema import ChangeEvent
-from llm_twin_features.settings import DATA_TYPES, Settings
+from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+from llm_twin_features.settings import Settings
+from llm_twin_features.stores.feature_store import Point
 from llm_twin_features.stores.queue import BrokerConfig, EventInbox, EventPublisher
 
 from .conftest import STORE_VARIABLES, sample_documents
@@ -229,7 +231,7 @@ def test_original_cdc_events_after_our_sensor_declared_the_queue(sensor, broker,
     started = time.monotonic()
 
     first = sensor.tick()
-    assert sorted(r.partition_key for r in first.run_requests) == sorted(DATA_TYPES)
+    assert sorted(r.partition_key for r in first.run_requests) == sorted(data_types())
     for request in first.run_requests:
         (entry_id,) = request.run_config["ops"]["raw_documents"]["config"]["document_ids"]
         assert entry_id == dict(documents)[request.partition_key]["_id"]
@@ -304,7 +306,7 @@ def replaced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def test_original_cdc_events_before_our_sensor_declared_the_queue(replaced):
     harness, broker = replaced["harness"], replaced["broker"]
     first = replaced["first"]
-    assert sorted(r.partition_key for r in first.run_requests) == sorted(DATA_TYPES)
+    assert sorted(r.partition_key for r in first.run_requests) == sorted(data_types())
     assert sum(int(r.tags["llm_twin/events"]) for r in first.run_requests) == 67
     assert [r.run_key for r in replaced["reevaluated"].run_requests] == [
         r.run_key for r in first.run_requests
@@ -314,7 +316,7 @@ def test_original_cdc_events_before_our_sensor_declared_the_queue(replaced):
     assert replaced["acked"] == Counter(replaced["published"])  # each message acked once
     assert dead_lettered(broker) == 0 and harness.depth() == 0
     rows = status()
-    for data_type in DATA_TYPES:  # invalid documents are quarantined, not dead-lettered
+    for data_type in data_types():  # invalid documents are quarantined, not dead-lettered
         assert rows[data_type]["cleaned"] == VALID[data_type]
         assert rows[data_type]["in_sync"], rows[data_type]
 
@@ -436,10 +438,10 @@ def test_points_of_the_previous_payload_version_are_rewritten_without_reembeddin
     ingest([{"type": t, **d} for t, d in crawled("wombat")])
     with dg.instance_for_test() as instance:
         harness = Harness(data_dir, instance)
-        for data_type in DATA_TYPES:
+        for data_type in data_types():
             harness.run(data_type)
         with harness.feature_store() as store:  # back to the version 1 payloads
-            for data_type in DATA_TYPES:
+            for data_type in data_types():
                 for collection in (f"vector_{data_type}", f"cleaned_{data_type}"):
                     points = list(store.points(collection, with_vectors=True))
                     for point in points:
@@ -449,15 +451,12 @@ def test_points_of_the_previous_payload_version_are_rewritten_without_reembeddin
                         point.payload = {**payload, "pipeline_version": "1"}
                     store.upsert(
                         collection,
-                        [
-                            models.PointStruct(id=p.id, vector=p.vector, payload=p.payload)
-                            for p in points
-                        ],
+                        [Point(id=p.id, vector=p.vector, payload=p.payload) for p in points],
                     )
         assert all(row["stale"] == 1 for row in status().values())
         assert "wombat" in search_top("wombat", "posts")["text"]  # read from `text` meanwhile
 
-        for data_type in DATA_TYPES:
+        for data_type in data_types():
             embedded = harness.run(data_type)["embedded_chunks"]
             assert embedded["vectors_embedded"] == 0
             assert embedded["vectors_reused"] == embedded["chunks"] >= 1

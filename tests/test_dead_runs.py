@@ -14,7 +14,7 @@ import dagster as dg
 import psutil
 import pytest
 
-from llm_twin_features import cli
+from llm_twin_features.cli.common import REPO_DAGSTER_YAML
 from llm_twin_features.runtime.dead_runs import HOST_TAG, PID_TAG, release_dead_runs
 
 from .conftest import SAMPLE_CORPUS
@@ -25,7 +25,7 @@ CLI = [sys.executable, "-m", "llm_twin_features.cli"]
 def test_backfill_after_a_killed_run_releases_its_pool_slot(data_dir, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(cli.REPO_DAGSTER_YAML.read_text())  # pool limit 1
+    (home / "dagster.yaml").write_text(REPO_DAGSTER_YAML.read_text())  # pool limit 1
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     subprocess.run(
         [*CLI, "ingest", "--no-publish", str(SAMPLE_CORPUS)],

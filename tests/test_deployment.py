@@ -30,7 +30,8 @@ import pytest
 import yaml
 
 from llm_twin_features import cli
-from llm_twin_features.settings import DATA_TYPES, Settings
+from llm_twin_features.domain.data_types import data_types
+from llm_twin_features.settings import Settings
 
 from .conftest import SAMPLE_CORPUS
 
@@ -204,7 +205,7 @@ def settings_env_names() -> set[str]:
 
 def resource_env_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The variables the definitions' resources read at run time (`dg.EnvVar`) when set."""
-    from llm_twin_features.definitions import build_resources
+    from llm_twin_features.defs.resources import build_resources
 
     for name in settings_env_names():
         monkeypatch.setenv(name, "1")
@@ -762,7 +763,8 @@ def test_backfill_through_the_stack_instance(
         PostgresScheduleStorage,
     )
 
-    from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
+    from llm_twin_features.definitions import build_definitions
+    from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
 
     for key, value in stack_postgres.items():
         monkeypatch.setenv(key, value)
@@ -784,7 +786,7 @@ def test_backfill_through_the_stack_instance(
         assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 3
         assert instance.run_monitoring_enabled and instance.run_retries_enabled
-        for data_type in DATA_TYPES:
+        for data_type in data_types():
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=data_type,
@@ -793,10 +795,10 @@ def test_backfill_through_the_stack_instance(
             )
             assert result.success, f"{data_type}: run {result.run_id} failed"
         runs = instance.get_runs()
-        assert sorted(run.tags["dagster/partition"] for run in runs) == sorted(DATA_TYPES)
+        assert sorted(run.tags["dagster/partition"] for run in runs) == sorted(data_types())
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
-        assert instance.get_materialized_partitions(embedded) == set(DATA_TYPES)
-        for data_type in DATA_TYPES:
+        assert instance.get_materialized_partitions(embedded) == set(data_types())
+        for data_type in data_types():
             records = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=embedded, asset_partitions=[data_type]), limit=5
             ).records
@@ -812,20 +814,20 @@ def test_backfill_through_the_stack_instance(
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM runs WHERE status = 'SUCCESS'")
-            assert cursor.fetchone()[0] == len(DATA_TYPES)
+            assert cursor.fetchone()[0] == len(data_types())
             cursor.execute(
                 "SELECT partition FROM event_logs WHERE dagster_event_type = "
                 "'ASSET_MATERIALIZATION' AND asset_key = %s",
                 (embedded.to_string(),),
             )
-            assert sorted(row[0] for row in cursor.fetchall()) == sorted(DATA_TYPES)
+            assert sorted(row[0] for row in cursor.fetchall()) == sorted(data_types())
     finally:
         connection.close()
 
     capsys.readouterr()
     assert cli.main(["status", "--json"]) == 0
     rows = {row["type"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert set(rows) == set(DATA_TYPES)
+    assert set(rows) == set(data_types())
     for data_type, row in rows.items():
         assert row["vectors"] > 0 and row["missing"] == 0, f"{data_type}: {row}"
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from llm_twin_features.domain.embedding import (
+    BUNDLED_MODEL,
     Embedder,
     encode_workers,
-    load_model,
     resolve_model_path,
 )
-from llm_twin_features.settings import BUNDLED_MODEL
+from llm_twin_features.stores.model_client import load_model
 
 INSTRUCTION = "Represent the code snippet for retrieval:"
 CODE = "def chunk(text, size):\n    return [text[i : i + size] for i in range(0, len(text), size)]"
@@ -131,8 +131,9 @@ def test_course_configuration_embeds_every_type_alike_with_no_instruction(monkey
     type, code included, with one model and no instruction. EMBEDDING_MODEL and
     CODE_EMBEDDING_MODEL naming that model and an empty CODE_EMBEDDING_INSTRUCTION (and
     CODE_QUERY_INSTRUCTION, for our own search) give exactly that."""
-    from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
-    from llm_twin_features.settings import DATA_TYPES, Settings
+    from llm_twin_features.domain.data_types import data_types
+    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+    from llm_twin_features.settings import Settings
 
     monkeypatch.delenv("EMBEDDING_SERVICE_URL", raising=False)
     for name in ("EMBEDDING_MODEL", "CODE_EMBEDDING_MODEL"):
@@ -142,12 +143,12 @@ def test_course_configuration_embeds_every_type_alike_with_no_instruction(monkey
     settings = Settings()
     assert settings.code_embedding_instruction == settings.code_query_instruction == ""
 
-    embedders = {t: EmbeddingDispatcher.embedder(t, settings) for t in DATA_TYPES}
+    embedders = {t: EmbeddingDispatcher.embedder(t, settings) for t in data_types()}
     assert {e.model_id for e in embedders.values()} == {model_id}
     assert not any(e.instruction for e in embedders.values())
     # The vector signature (stored as each point's model_id) is the bare model id.
     assert {e.signature for e in embedders.values()} == {model_id}
-    assert not any(EmbeddingDispatcher.query_instruction(t, settings) for t in DATA_TYPES)
+    assert not any(EmbeddingDispatcher.query_instruction(t, settings) for t in data_types())
     if model_id != BUNDLED_MODEL:
         return  # no hub downloads here: the vectors are checked with the bundled model
 

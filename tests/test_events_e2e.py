@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from llm_twin_features import cli
+from llm_twin_features.cli.common import REPO_DAGSTER_YAML
 from llm_twin_features.runtime.local_stack import LocalStack, free_port
 from llm_twin_features.runtime.run_launcher import LAUNCHED_BY_TAG, PRESTARTED
 from llm_twin_features.settings import Settings
@@ -71,7 +72,7 @@ def test_update_and_delete_reach_search_and_status(data_dir, broker, tmp_path, m
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))  # the CLI backfill uses the stack's instance
     monkeypatch.setenv("AUDIT_CRON", "0 0 1 1 *")  # no scheduled audit run in the way
-    (home / "dagster.yaml").write_text(cli.REPO_DAGSTER_YAML.read_text())
+    (home / "dagster.yaml").write_text(REPO_DAGSTER_YAML.read_text())
     settings = Settings()
     log_path = tmp_path / "stack.log"
     with open(log_path, "w") as log:
@@ -81,7 +82,7 @@ def test_update_and_delete_reach_search_and_status(data_dir, broker, tmp_path, m
             with contextlib.redirect_stdout(io.StringIO()):
                 cli.main(["backfill", "--type", "posts"])
 
-            from llm_twin_features.cli import _warehouse
+            from llm_twin_features.cli.common import warehouse_of as _warehouse
 
             with _warehouse(settings) as warehouse:
                 post = warehouse.documents("posts").get(UPDATED)

@@ -29,20 +29,20 @@ import psutil
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.definitions import (
-    FEATURE_PIPELINE_JOB,
-    build_definitions,
-    build_resources,
-    feature_pipeline_job,
-)
+from llm_twin_features.cli.common import REPO_DAGSTER_YAML, warehouse_of
+from llm_twin_features.definitions import build_definitions
 from llm_twin_features.defs.assets import (
     STORE_RETRY,
     feature_assets,
     raw_documents,
     scoped_run_config,
 )
-from llm_twin_features.defs.resources import FeatureStoreResource
-from llm_twin_features.defs.sensors import WAREHOUSE_EVENTS_JOB
+from llm_twin_features.defs.jobs import (
+    FEATURE_PIPELINE_JOB,
+    WAREHOUSE_EVENTS_JOB,
+    feature_pipeline_job,
+)
+from llm_twin_features.defs.resources import FeatureStoreResource, build_resources
 from llm_twin_features.events.planning import SensorCursor
 from llm_twin_features.events.schema import ChangeEvent
 from llm_twin_features.settings import Settings
@@ -259,7 +259,7 @@ def killed_backfill(tmp_path_factory: pytest.TempPathFactory) -> KilledBackfill:
     root = tmp_path_factory.mktemp("sigkill")
     data_dir, home = root / "data", root / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(cli.REPO_DAGSTER_YAML.read_text())  # the laptop instance
+    (home / "dagster.yaml").write_text(REPO_DAGSTER_YAML.read_text())  # the laptop instance
     env = cli_env(data_dir, home)
     documents = generate(posts=0, articles=40, repositories=0, seed=11)
     ingested = run_cli(env, "ingest", "--no-publish", str(write_jsonl(root / "a.jsonl", documents)))
@@ -778,7 +778,7 @@ def test_poison_messages_and_invalid_documents_mixed_into_valid_events(
     for body, reason in letters:
         assert reason.startswith(poison[body]), (body, reason)
 
-    with cli._warehouse(Settings()) as warehouse:
+    with warehouse_of(Settings()) as warehouse:
         reasons = {q["entry_id"]: q["reason"] for q in warehouse.quarantined("posts")}
     assert set(reasons) == {d["_id"] for d in invalid}
     assert "platform: Field required" in reasons["bad-no-platform"]
@@ -883,7 +883,7 @@ def test_oversized_inputs_are_quarantined_or_processed_in_bounded_memory(data_di
     articles_mb, articles_s, articles_out = measured_backfill(env, "articles")
     repos_mb, repos_s, repos_out = measured_backfill(env, "repositories")
 
-    with cli._warehouse(Settings()) as warehouse:
+    with warehouse_of(Settings()) as warehouse:
         reasons = {q["entry_id"]: q for q in warehouse.quarantine().find()}
     assert set(reasons) == {"huge-article-10mb"}
     assert reasons["huge-article-10mb"]["stage"] == "raw"
@@ -932,7 +932,7 @@ def test_concurrent_backfill_and_event_run_on_the_same_partition(data_dir, tmp_p
     slot / Qdrant lock, neither fails), the audit is clean, the edits are searchable."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(cli.REPO_DAGSTER_YAML.read_text())
+    (home / "dagster.yaml").write_text(REPO_DAGSTER_YAML.read_text())
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     assert in_process("ingest", "--no-publish", str(SAMPLE_CORPUS))[0] == 0
     defs = build_definitions()
@@ -942,7 +942,7 @@ def test_concurrent_backfill_and_event_run_on_the_same_partition(data_dir, tmp_p
         )
         assert first.success
 
-    with cli._warehouse(Settings()) as warehouse:
+    with warehouse_of(Settings()) as warehouse:
         posts = warehouse.documents("posts")
         edited = sorted(i for i in posts.ids() if not i.startswith("invalid-"))[:2]
         changed = []

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 
 from llm_twin_features.domain.chunking import ChunkingConfig, TokenWindow, chunk_text
-from llm_twin_features.domain.embedding import Embedder, load_local_model, load_model
+from llm_twin_features.domain.embedding import BUNDLED_MODEL, Embedder, load_local_model
 from llm_twin_features.runtime.local_stack import free_port
-from llm_twin_features.runtime.model_server import ModelServiceUnavailable, RemoteModel, serve
-from llm_twin_features.settings import BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION
+from llm_twin_features.runtime.model_server import serve
+from llm_twin_features.settings import DEFAULT_CODE_INSTRUCTION
+from llm_twin_features.stores.model_client import (
+    ModelServiceUnavailable,
+    RemoteModel,
+    load_model,
+    model_loader,
+)
 
 TEXTS = ["Qdrant stores the vectors.", "MongoDB keeps the raw documents; RabbitMQ the events."]
 
@@ -29,7 +35,7 @@ def url():
 
 
 def test_remote_vectors_equal_local_ones(url):
-    remote = Embedder(BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION, service_url=url)
+    remote = Embedder(BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION, loader=model_loader(url))
     local = Embedder(BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION)
     assert isinstance(remote.model, RemoteModel)
     assert np.allclose(remote.embed(TEXTS), local.embed(TEXTS), atol=1e-6)
@@ -112,7 +118,7 @@ def test_a_server_still_loading_says_so_and_clients_wait_for_it(caplog):
                 time.sleep(0.05)
         assert statuses == [503]  # listening, still importing and loading the model
         with caplog.at_level(logging.WARNING):
-            remote = Embedder(BUNDLED_MODEL, service_url=url)
+            remote = Embedder(BUNDLED_MODEL, loader=model_loader(url))
             vectors = remote.embed(TEXTS)
         assert isinstance(remote.model, RemoteModel) and "instead" not in caplog.text
         assert np.allclose(vectors, Embedder(BUNDLED_MODEL).embed(TEXTS), atol=1e-6)

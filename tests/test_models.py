@@ -3,9 +3,10 @@
 import pytest
 from pydantic import ValidationError
 
-from llm_twin_features.domain.dispatchers import CleaningDispatcher, EmbeddingDispatcher
+from llm_twin_features.domain.dispatchers import CleaningDispatcher
 from llm_twin_features.domain.models import chunk_point_id, document_point_id
-from llm_twin_features.pipeline.stages import describe_error, validate
+from llm_twin_features.domain.validation import describe_error, validate
+from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
 from llm_twin_features.settings import Settings
 
 from .conftest import sample_documents
@@ -24,7 +25,7 @@ def test_author_is_exposed_under_one_key_for_every_type():
     """The original stored the post author under `owner_id`, so author filters found nothing."""
     assert validate("posts", POST).author_id == "u1"
     assert validate("repositories", REPO).author_id == "u2"
-    cleaned = CleaningDispatcher.dispatch(validate("repositories", REPO))
+    cleaned = CleaningDispatcher.dispatch("repositories", validate("repositories", REPO))
     assert cleaned.author_id == "u2" and cleaned.metadata == {"name": "twin", "link": REPO["link"]}
 
 
@@ -74,7 +75,7 @@ def test_point_ids_are_deterministic_uuids():
 def test_unknown_type_is_a_value_error():
     with pytest.raises(ValueError, match="unknown data type 'users'"):
         validate("users", {"_id": "u", "first_name": "Ada"})
-    with pytest.raises(ValueError, match="no embedding handler for data type 'users'"):
+    with pytest.raises(ValueError, match="unknown data type 'users'"):
         EmbeddingDispatcher.embedder("users", Settings())
 
 
@@ -89,12 +90,30 @@ def test_code_uses_the_instructor_path_and_prose_does_not():
     assert prose.instruction is None
 
 
-def test_every_type_has_a_model_per_state_pinned_to_its_type():
-    from llm_twin_features.domain.models import STATE_MODELS
+def test_every_type_is_declared_once_and_its_payloads_follow_the_declaration():
+    from llm_twin_features.domain.data_types import data_types, spec_of
+    from llm_twin_features.domain.models import CleanedDocument
 
-    assert set(STATE_MODELS) == {"posts", "articles", "repositories"}
-    cleaned = CleaningDispatcher.dispatch(validate("posts", POST))
-    assert type(cleaned) is STATE_MODELS["posts"].cleaned
-    assert type(cleaned).from_payload(cleaned.payload()) == cleaned
-    with pytest.raises(ValidationError, match="Input should be 'posts'"):
-        STATE_MODELS["posts"].cleaned(**{**cleaned.model_dump(), "data_type": "articles"})
+    assert data_types() == ("posts", "articles", "repositories")
+    cleaned = CleaningDispatcher.dispatch("posts", validate("posts", POST))
+    assert cleaned.payload()["platform"] == "linkedin"
+    spec = spec_of("posts")
+    restored = CleanedDocument.from_payload(
+        cleaned.payload(), spec.author_keys, spec.metadata_fields
+    )
+    assert restored == cleaned
+    repository = CleaningDispatcher.dispatch("repositories", validate("repositories", REPO))
+    payload = repository.payload()
+    assert (payload["author_id"], payload["owner_id"]) == ("u2", "u2")
+    assert "owner_id" not in cleaned.payload()
+
+
+def test_a_type_cannot_be_declared_twice_differently():
+    from dataclasses import replace
+
+    from llm_twin_features.domain.data_types import register, spec_of
+
+    posts = spec_of("posts")
+    assert register(posts) is posts  # the same declaration again is harmless
+    with pytest.raises(ValueError, match="already registered differently"):
+        register(replace(posts, metadata_fields=()))

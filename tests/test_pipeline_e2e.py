@@ -16,9 +16,11 @@ import dagster as dg
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
-from llm_twin_features.settings import DATA_TYPES, Settings
-from llm_twin_features.stores.feature_store import cleaned_collection, vector_collection
+from llm_twin_features.definitions import build_definitions
+from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
+from llm_twin_features.domain.data_types import data_types
+from llm_twin_features.settings import Settings
+from llm_twin_features.stores.feature_store import Point, cleaned_collection, vector_collection
 
 from .conftest import SAMPLE_CORPUS, STORE_VARIABLES
 
@@ -66,12 +68,12 @@ class Harness:
         return {row["type"]: row for row in map(json.loads, out.splitlines())}
 
     def warehouse(self):
-        from llm_twin_features.cli import _warehouse
+        from llm_twin_features.cli.common import warehouse_of as _warehouse
 
         return _warehouse(Settings())
 
     def feature_store(self):
-        from llm_twin_features.cli import _feature_store
+        from llm_twin_features.cli.common import feature_store_of as _feature_store
 
         return _feature_store(Settings())
 
@@ -86,13 +88,13 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         assert cli.main(["ingest", str(SAMPLE_CORPUS)]) == 0
         with dg.instance_for_test() as instance:
             harness = Harness(data_dir, instance)
-            harness.first_backfill = {t: harness.run(t) for t in DATA_TYPES}
+            harness.first_backfill = {t: harness.run(t) for t in data_types()}
             yield harness
 
 
 def test_backfill_builds_both_snapshots_for_every_type(harness: Harness, capsys):
     status = harness.status(capsys)
-    for data_type in DATA_TYPES:
+    for data_type in data_types():
         row = status[data_type]
         assert row["warehouse"] == VALID[data_type] + INVALID[data_type]
         assert row["quarantined"] == INVALID[data_type]
@@ -122,7 +124,7 @@ def test_invalid_documents_are_quarantined_with_reasons(harness: Harness):
 
 def test_payloads_carry_provenance_and_one_author_key(harness: Harness):
     with harness.feature_store() as store:
-        for data_type in DATA_TYPES:
+        for data_type in data_types():
             point = next(store.points(vector_collection(data_type)))
             payload = point.payload
             for key in (
@@ -187,7 +189,7 @@ def test_search_reads_queries_from_stdin(harness: Harness, capsys, monkeypatch):
 
 
 def test_second_backfill_reembeds_nothing(harness: Harness):
-    for data_type in DATA_TYPES:
+    for data_type in data_types():
         metadata = harness.run(data_type)
         assert metadata["raw_documents"]["upserted"] == 0
         assert metadata["raw_documents"]["skipped_unchanged"] == VALID[data_type]
@@ -276,14 +278,13 @@ def test_document_made_invalid_is_quarantined_and_removed(harness: Harness, caps
 
 
 def test_whole_partition_run_removes_orphan_points(harness: Harness, capsys):
-    from qdrant_client import models
 
     with harness.feature_store() as store:
         template = next(store.points(vector_collection("posts"), with_vectors=True))
         store.upsert(
             vector_collection("posts"),
             [
-                models.PointStruct(
+                Point(
                     id="00000000-0000-4000-8000-000000000001",
                     vector=template.vector,
                     payload={**template.payload, "document_id": "ghost"},

@@ -1,11 +1,13 @@
 """The laptop's run launcher (llm_twin_features/runtime/run_launcher.py) on a real instance:
 runs go to a process started ahead of time, the usual code-server launch takes over when that
 process cannot run the code as it is now, termination cancels, a run whose process is killed
-outright fails and frees its pool slot, and no ready process outlives its launcher. The
-daemon's use of it is exercised by tests/test_events_e2e.py."""
+outright fails and frees its pool slot, and no ready process outlives its launcher; any error on
+the way to a ready process (the private Dagster API it uses changed, dagster_private.py) leaves
+the run to the code server. The daemon's use of it is exercised by tests/test_events_e2e.py."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -26,12 +28,14 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import ModuleTarget
 from dagster._serdes import serialize_value
 
-from llm_twin_features import cli
+from llm_twin_features.cli.common import REPO_DAGSTER_YAML
+from llm_twin_features.runtime import dagster_private
 from llm_twin_features.runtime.dead_runs import PID_TAG, release_dead_runs
 from llm_twin_features.runtime.run_launcher import (
     LAUNCHED_BY_TAG,
     PRESTARTED,
     PrestartedProcessRunLauncher,
+    PrestartedRunProcess,
 )
 
 MODULE = "prestarted_code_location"
@@ -89,7 +93,7 @@ def wait_for_import(marker: Path, pid: int, timeout: float = 120) -> None:
 
 
 def test_the_laptop_instance_uses_it(tmp_path):
-    (tmp_path / "dagster.yaml").write_text(cli.REPO_DAGSTER_YAML.read_text())
+    (tmp_path / "dagster.yaml").write_text(REPO_DAGSTER_YAML.read_text())
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.run_launcher, PrestartedProcessRunLauncher)
 
@@ -110,6 +114,26 @@ def test_runs_go_to_a_process_started_ahead_of_time(instance, location, tmp_path
         pids.append(waiting)
     assert pids[0] != pids[1]  # the next run's process started when the first run went
     assert psutil.pid_exists(ready_pid(launcher))  # and the one after that waits
+    launcher.join(timeout=60)  # its runs' processes ended and were waited for
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def launch_with_a_code_server(instance, location: Path, pid_file: Path) -> dg.DagsterRun:
+    """Launches a marker run with a workspace (a code server for the fallback); the finished
+    run."""
+    target = ModuleTarget(MODULE, "defs", str(location), "prestarted")
+    with WorkspaceProcessContext(instance, target) as process_context:
+        workspace = process_context.create_request_context()
+        remote_job = (
+            workspace.get_code_location("prestarted")
+            .get_repository("__repository__")
+            .get_full_job("marker_job")
+        )
+        run = marker_run(
+            instance, location, pid_file, remote_job_origin=remote_job.get_remote_origin()
+        )
+        instance.launch_run(run.run_id, workspace)
+        return poll_for_finished_run(instance, run.run_id, timeout=120)
 
 
 @pytest.mark.parametrize("fault", ["code edited", "process killed"])
@@ -126,24 +150,46 @@ def test_a_ready_process_that_cannot_run_the_code_leaves_the_run_to_the_code_ser
     else:
         psutil.Process(stale).kill()
 
-    target = ModuleTarget(MODULE, "defs", str(location), "prestarted")
-    with WorkspaceProcessContext(instance, target) as process_context:
-        workspace = process_context.create_request_context()
-        remote_job = (
-            workspace.get_code_location("prestarted")
-            .get_repository("__repository__")
-            .get_full_job("marker_job")
-        )
-        run = marker_run(
-            instance, location, tmp_path / "pid", remote_job_origin=remote_job.get_remote_origin()
-        )
-        instance.launch_run(run.run_id, workspace)
-        finished = poll_for_finished_run(instance, run.run_id, timeout=120)
+    finished = launch_with_a_code_server(instance, location, tmp_path / "pid")
     assert finished.status == dg.DagsterRunStatus.SUCCESS
     assert LAUNCHED_BY_TAG not in finished.tags  # the code server ran it
     assert (tmp_path / "pid").read_text() != str(stale)
     assert not psutil.pid_exists(stale) or psutil.Process(stale).status() == psutil.STATUS_ZOMBIE
     assert ready_pid(launcher) != stale  # a process with the edited code waits
+
+
+@pytest.mark.parametrize("failing", ["code_location_origin", "execute_run_request"])
+def test_an_error_on_the_way_to_the_ready_process_leaves_the_run_to_the_code_server(
+    instance, location, tmp_path, monkeypatch, caplog, failing
+):
+    """As after a Dagster upgrade that changed the private API it uses: reading the run's code
+    location, building the run's arguments (ExecuteRunArgs)."""
+    launcher = instance.run_launcher
+    launcher.prestart(repository(location).get_python_origin())
+    waiting = ready_pid(launcher)
+
+    def changed_by_an_upgrade(*args, **kwargs):
+        raise TypeError(f"{failing}: changed by a Dagster upgrade")
+
+    monkeypatch.setattr(dagster_private, failing, changed_by_an_upgrade)
+    with caplog.at_level(logging.WARNING, logger="llm_twin_features.runtime.run_launcher"):
+        finished = launch_with_a_code_server(instance, location, tmp_path / "pid")
+    assert finished.status == dg.DagsterRunStatus.SUCCESS
+    assert LAUNCHED_BY_TAG not in finished.tags  # the code server ran it
+    assert (tmp_path / "pid").read_text() != str(waiting)
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{failing}: changed by a Dagster upgrade" in warning.getMessage()
+    assert "the code server launches it" in warning.getMessage()
+    assert ready_pid(launcher) == waiting  # untouched: it waits on for the next run
+    assert psutil.Process(waiting).status() != psutil.STATUS_ZOMBIE
+
+
+def test_a_ready_process_declines_a_run_it_cannot_read(location):
+    """The run worker checks the run's arguments before it takes the run."""
+    origin = repository(location).get_python_origin()
+    ready = PrestartedRunProcess(sys.executable, serialize_value(origin))
+    assert not ready.hand_over("not the arguments of a run")
+    assert ready.process.poll() is not None  # gone, and waited for
 
 
 def test_terminating_a_run_cancels_it(instance, location):

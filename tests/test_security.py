@@ -27,8 +27,10 @@ import dagster as dg
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions, build_resources
+from llm_twin_features.definitions import build_definitions
 from llm_twin_features.defs.assets import raw_documents
+from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
+from llm_twin_features.defs.resources import build_resources
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import open_feature_store
 from llm_twin_features.stores.queue import BrokerUnavailable, EventPublisher

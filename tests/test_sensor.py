@@ -11,9 +11,9 @@ import dagster as dg
 import pytest
 
 from llm_twin_features import cli
-from llm_twin_features.definitions import FEATURE_PIPELINE_JOB, build_definitions
+from llm_twin_features.definitions import build_definitions
+from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB, WAREHOUSE_EVENTS_JOB
 from llm_twin_features.defs.resources import EventBrokerResource
-from llm_twin_features.defs.sensors import WAREHOUSE_EVENTS_JOB
 from llm_twin_features.stores.queue import POISON_REASON_HEADER, EventInbox, EventPublisher
 
 from .conftest import SAMPLE_CORPUS
@@ -84,7 +84,7 @@ def edit_posts(suffix: str) -> None:
     """Appends to the sample posts' text through the CLI, which publishes one event each."""
     import tempfile
 
-    from llm_twin_features.cli import _warehouse
+    from llm_twin_features.cli.common import warehouse_of as _warehouse
     from llm_twin_features.settings import Settings
 
     with _warehouse(Settings()) as warehouse:

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from llm_twin_features import cli
+from llm_twin_features.domain.validation import UnreadableDocument
 from llm_twin_features.pipeline.stages import ingest_raw
-from llm_twin_features.stores.warehouse import UnreadableDocument, open_warehouse
+from llm_twin_features.stores.warehouse import open_warehouse
 
 CLI = [sys.executable, "-m", "llm_twin_features.cli"]
 

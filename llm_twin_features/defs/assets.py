@@ -1,9 +1,11 @@
 """The feature pipeline as software-defined assets, one partition per data type.
 
-Assets stay thin: each opens its stores, calls one stage of `pipeline.py` and reports what it
+Assets stay thin: each opens its stores, calls one stage of `pipeline/stages.py` and reports what it
 did as materialization metadata. Assets that open the feature store share the
 `feature_store` pool, so concurrent runs queue for Qdrant local mode's one-process lock.
 """
+
+from typing import TypedDict
 
 import dagster as dg
 from pydantic import Field
@@ -14,16 +16,31 @@ from llm_twin_features.defs.resources import (
     FeatureStoreResource,
     WarehouseResource,
 )
-from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.pipeline import stages as pipeline
 from llm_twin_features.pipeline.audit import AuditReport, audit
+from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
 
 GROUP = "feature_pipeline"
 # A store that is briefly unreachable (or a Qdrant local folder held too long) fails the step
 # with a clear message; the step is retried, and stages are idempotent, so a retry converges.
 STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL)
+
+
+class _StageArgs(TypedDict):
+    """The keyword arguments of `dg.asset` that every stage asset shares (typed for `**`)."""
+
+    partitions_def: dg.StaticPartitionsDefinition
+    group_name: str
+    retry_policy: dg.RetryPolicy
+
+
 # What every stage asset shares: one partition per data type, the group, the retry policy.
-STAGE = {"partitions_def": data_type_partitions, "group_name": GROUP, "retry_policy": STORE_RETRY}
+STAGE: _StageArgs = {
+    "partitions_def": data_type_partitions,
+    "group_name": GROUP,
+    "retry_policy": STORE_RETRY,
+}
 FEATURE_STORE_POOL = "feature_store"
 IN_SYNC_CHECK = "in_sync_with_warehouse"
 
@@ -44,7 +61,7 @@ warehouse_documents = dg.AssetSpec(
     group_name="warehouse",
     kinds={"mongodb"},
     description="The crawled documents in MongoDB (database `twin`), one collection per data "
-    "type: posts, articles, repositories. Written by the crawlers, not by this pipeline.",
+    f"type: {', '.join(data_types())}. Written by the crawlers, not by this pipeline.",
 )
 
 
@@ -198,3 +215,8 @@ def scoped_run_config(document_ids: list[str]) -> dg.RunConfig:
     """Run config that scopes every stage to the given documents."""
     scope = ScopeConfig(document_ids=document_ids)
     return dg.RunConfig(ops={asset.key.path[-1]: scope for asset in feature_assets})
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(assets=[warehouse_documents, *feature_assets])

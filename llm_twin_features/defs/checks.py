@@ -1,7 +1,8 @@
 """The scheduled audit: the warehouse against every stage of every data type.
 
-`warehouse_audit` runs in `audit_job` (on `audit_schedule`, or from the UI). Its metadata has
-the counts and a few example ids per kind of drift, and the drifted ids themselves (capped),
+`warehouse_audit` runs in `audit_job` (defs/jobs.py; on `audit_schedule`, or from the UI).
+Its metadata has the counts and a few example ids per kind of drift, and the drifted ids
+themselves (capped),
 which `audit_repair_sensor` turns into scoped repair runs: an event that was lost, or a run
 that failed for good, is healed within one audit period.
 """
@@ -9,27 +10,26 @@ that failed for good, is healed within one audit period.
 import dagster as dg
 from pydantic import Field
 
-from llm_twin_features.defs.assets import (
-    FEATURE_STORE_POOL,
-    STORE_RETRY,
-    embedded_chunks,
-    feature_assets,
-)
+from llm_twin_features.defs.assets import FEATURE_STORE_POOL, STORE_RETRY, embedded_chunks
 from llm_twin_features.defs.resources import (
     EmbeddingResource,
     FeatureStoreResource,
     WarehouseResource,
 )
-from llm_twin_features.domain.dispatchers import EmbeddingDispatcher
+from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.pipeline.audit import audit
-from llm_twin_features.settings import DATA_TYPES
+from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+from llm_twin_features.settings import Settings
 
 WAREHOUSE_AUDIT = "warehouse_audit"
 REPAIR_IDS_KEY = "repair_ids"
 
 
 class AuditConfig(dg.Config):
-    repair_cap: int = Field(default=500, description="drifted ids per type one repair run takes")
+    repair_cap: int = Field(
+        default=Settings.model_fields["audit_repair_cap"].default,
+        description="drifted ids per type one repair run takes",
+    )
 
 
 @dg.asset_check(
@@ -51,7 +51,7 @@ def warehouse_audit(
     metadata: dict = {}
     repair: dict[str, list[str]] = {}
     with warehouse.open() as state, feature_store.open(context.log) as store:
-        for data_type in DATA_TYPES:
+        for data_type in data_types():
             embedder = EmbeddingDispatcher.embedder(data_type, settings)
             report = audit(state, store, data_type, embedder, warehouse.max_document_chars)
             metadata[data_type] = dg.MetadataValue.json(
@@ -64,14 +64,6 @@ def warehouse_audit(
     return dg.AssetCheckResult(passed=not repair, metadata=metadata)
 
 
-# The four stages without the audit check (which covers every type, not one partition).
-PIPELINE_SELECTION = dg.AssetSelection.assets(*feature_assets) - dg.AssetSelection.checks(
-    warehouse_audit
-)
-
-audit_job = dg.define_asset_job(
-    "audit_job",
-    selection=dg.AssetSelection.checks(warehouse_audit),
-    description="Audits the feature store against the warehouse (no writes).",
-    tags={"llm_twin/trigger": "audit"},
-)
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(asset_checks=[warehouse_audit])

@@ -2,6 +2,6 @@
 
 import dagster as dg
 
-from llm_twin_features.settings import DATA_TYPES
+from llm_twin_features.domain.data_types import data_types
 
-data_type_partitions = dg.StaticPartitionsDefinition(list(DATA_TYPES))
+data_type_partitions = dg.StaticPartitionsDefinition(list(data_types()))

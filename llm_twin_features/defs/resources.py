@@ -1,39 +1,43 @@
 """Dagster resources: thin wrappers that open the store adapters for one step at a time.
 
-Every field can come from the environment through `dg.EnvVar` (see `definitions.py`); unset
-store URLs select the embedded defaults under the data dir.
+Every field can come from the environment through `dg.EnvVar` (`defs()` below); unset store
+URLs select the embedded defaults under the data dir. The defaults are `Settings`' own, so each
+is written once.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from llm_twin_features.runtime.dead_runs import owner_tags
-from llm_twin_features.settings import (
-    BUNDLED_MODEL,
-    DEFAULT_CODE_INSTRUCTION,
-    DEFAULT_CODE_QUERY_INSTRUCTION,
-    Settings,
-)
+from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import FeatureStore, open_feature_store
 from llm_twin_features.stores.queue import BrokerConfig
 from llm_twin_features.stores.warehouse import Warehouse, open_warehouse
+
+
+def default(name: str) -> Any:
+    """The default of a `Settings` field: the one place each default is written."""
+    return Settings.model_fields[name].default
 
 
 class WarehouseResource(dg.ConfigurableResource):
     """The MongoDB warehouse (montydb when `mongo_uri` is empty) and the stage state."""
 
     mongo_uri: str = Field(default="", description="mongodb:// URI; empty: embedded montydb")
-    database: str = "twin"
-    features_database: str = "twin_features"
-    data_dir: str = ".data"
+    database: str = default("mongo_database")
+    features_database: str = default("features_database")
+    data_dir: str = str(default("data_dir"))
     max_document_chars: int = Field(
-        default=1_000_000, description="documents with more text are quarantined"
+        default=default("max_document_chars"),
+        description="documents with more text are quarantined",
     )
 
     @contextmanager
@@ -53,7 +57,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
     qdrant_url: str = Field(default="", description="Qdrant server URL; empty: local mode")
     qdrant_api_key: str = ""
-    data_dir: str = ".data"
+    data_dir: str = str(default("data_dir"))
     lock_timeout_seconds: float = 600.0
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -84,11 +88,11 @@ class FeatureStoreResource(dg.ConfigurableResource):
 class EmbeddingResource(dg.ConfigurableResource):
     """Which models embed which data type; models load once per process, on first use."""
 
-    embedding_model: str = BUNDLED_MODEL
-    code_embedding_model: str = BUNDLED_MODEL
-    code_embedding_instruction: str = DEFAULT_CODE_INSTRUCTION
-    code_query_instruction: str = DEFAULT_CODE_QUERY_INSTRUCTION
-    batch_size: int = 16
+    embedding_model: str = default("embedding_model")
+    code_embedding_model: str = default("code_embedding_model")
+    code_embedding_instruction: str = default("code_embedding_instruction")
+    code_query_instruction: str = default("code_query_instruction")
+    batch_size: int = default("embedding_batch_size")
     workers: int = Field(default=0, description="parallel encode workers on a CPU; 0: per core")
     service_url: str = Field(default="", description="model server URL; empty: load in-process")
 
@@ -107,12 +111,12 @@ class EmbeddingResource(dg.ConfigurableResource):
 class EventBrokerResource(dg.ConfigurableResource):
     """RabbitMQ holding warehouse change events (credentials from the environment)."""
 
-    host: str = "127.0.0.1"
-    port: int = 5672
+    host: str = default("rabbitmq_host")
+    port: int = default("rabbitmq_port")
     user: str = ""
     password: str = ""
-    vhost: str = "/"
-    queue: str = "warehouse_changes"
+    vhost: str = default("rabbitmq_vhost")
+    queue: str = default("rabbitmq_queue")
 
     def config(self) -> BrokerConfig:
         return BrokerConfig(
@@ -123,3 +127,57 @@ class EventBrokerResource(dg.ConfigurableResource):
             vhost=self.vhost,
             queue=self.queue,
         )
+
+
+def _env(name: str, default: str) -> str | dg.EnvVar:
+    """`dg.EnvVar` when the variable is set (its value stays out of the UI), else the default."""
+    return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    """The resources, each field from its environment variable when set (as `dg.EnvVar`)."""
+    defaults = Settings()
+    data_dir = _env("LLM_TWIN_DATA_DIR", str(Path(defaults.data_dir).resolve()))
+    return {
+        "warehouse": WarehouseResource(
+            mongo_uri=_env("MONGO_URI", ""),
+            database=_env("MONGO_DATABASE", defaults.mongo_database),
+            features_database=_env("FEATURES_DATABASE", defaults.features_database),
+            data_dir=data_dir,
+            max_document_chars=defaults.max_document_chars,
+        ),
+        "feature_store": FeatureStoreResource(
+            qdrant_url=_env("QDRANT_URL", ""),
+            qdrant_api_key=_env("QDRANT_API_KEY", ""),
+            data_dir=data_dir,
+        ),
+        "embedding": EmbeddingResource(
+            embedding_model=_env("EMBEDDING_MODEL", defaults.embedding_model),
+            code_embedding_model=_env("CODE_EMBEDDING_MODEL", defaults.code_embedding_model),
+            code_embedding_instruction=_env(
+                "CODE_EMBEDDING_INSTRUCTION", defaults.code_embedding_instruction
+            ),
+            code_query_instruction=_env("CODE_QUERY_INSTRUCTION", defaults.code_query_instruction),
+            service_url=_env("EMBEDDING_SERVICE_URL", ""),
+            batch_size=defaults.embedding_batch_size,
+            workers=defaults.embedding_workers,
+        ),
+        "event_broker": EventBrokerResource(
+            host=_env("RABBITMQ_HOST", defaults.rabbitmq_host),
+            port=(
+                dg.EnvVar.int("RABBITMQ_PORT")
+                if os.environ.get("RABBITMQ_PORT")
+                else defaults.rabbitmq_port
+            ),
+            user=_env("RABBITMQ_USER", ""),
+            password=_env("RABBITMQ_PASSWORD", ""),
+            vhost=_env("RABBITMQ_VHOST", defaults.rabbitmq_vhost),
+            queue=_env("RABBITMQ_QUEUE", defaults.rabbitmq_queue),
+        ),
+    }
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    # One process per run: models load once, and Qdrant local mode admits one process.
+    return dg.Definitions(resources=build_resources(), executor=dg.in_process_executor)

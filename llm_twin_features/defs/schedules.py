@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from llm_twin_features.defs.checks import AuditConfig, audit_job, warehouse_audit
+from llm_twin_features.defs.checks import AuditConfig, warehouse_audit
+from llm_twin_features.defs.jobs import audit_job
 from llm_twin_features.settings import Settings
 
 
@@ -16,3 +17,8 @@ def build_audit_schedule(settings: Settings) -> dg.ScheduleDefinition:
         run_config=dg.RunConfig(ops={warehouse_audit.node_def.name: config}),
         description="Audits the feature store against the warehouse (AUDIT_CRON).",
     )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(schedules=[build_audit_schedule(Settings())])

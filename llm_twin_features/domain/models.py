@@ -1,8 +1,9 @@
 """Pydantic models of a document in each state: raw -> cleaned -> chunked -> embedded.
 
-Raw models validate warehouse documents; a document that fails validation is quarantined with
-the validation message as its reason. Posts and articles carry `author_id`, repositories
-`owner_id`: every later state exposes one `author_id` so author filters work for every type.
+The models are shared by every data type; what differs per type (the raw model's fields, the
+metadata and author keys of its payloads) is declared once in `domain/data_types.py`. A
+document that fails its raw model is quarantined with the validation message as its reason.
+Every state exposes one `author_id`, so author filters work for every type.
 Payloads keep the keys the original pipeline's neighbours read: the chunk text under
 `content`, the cleaned text under `cleaned_content`, and a repository's author under
 `owner_id` too (the course's retriever filters repositories on it). README.md has the table.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # 2: chunk text under `content` (was `text`), repositories' author also under `owner_id`.
 PIPELINE_VERSION = "2"
 
-METADATA_KEYS = ("platform", "link", "name")  # type-specific fields kept in payloads
 _POINT_NAMESPACE = uuid.UUID("6f0d1c1e-7f8b-4d55-9a57-1c0f8f2b9e10")
 
 
@@ -45,10 +45,10 @@ def chunk_point_id(data_type: str, document_id: str, chunk_index: int) -> str:
 
 
 class RawDocument(BaseModel):
-    """A warehouse document as crawled; subclasses add the type's own fields."""
+    """A warehouse document as crawled; each data type's model adds its own fields
+    (`domain/data_types.py`)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-    data_type: ClassVar[str]
 
     entry_id: str = Field(min_length=1)
     author_id: str = Field(min_length=1)
@@ -61,10 +61,6 @@ class RawDocument(BaseModel):
             raise ValueError("content has no text value")
         return content
 
-    def metadata(self) -> dict[str, Any]:
-        """Fields kept in every payload besides the text (platform, link, name...)."""
-        return {}
-
     def text_size(self) -> int:
         """Characters of text in the content, the measure of the work a document makes."""
         return sum(len(v) for v in self.content.values() if isinstance(v, str))
@@ -74,36 +70,9 @@ class RawDocument(BaseModel):
         return content_hash(self.model_dump(mode="json", exclude={"entry_id"}))
 
 
-class PostDocument(RawDocument):
-    data_type: ClassVar[str] = "posts"
-    platform: str
-
-    def metadata(self) -> dict[str, Any]:
-        return {"platform": self.platform}
-
-
-class ArticleDocument(RawDocument):
-    data_type: ClassVar[str] = "articles"
-    platform: str
-    link: str
-
-    def metadata(self) -> dict[str, Any]:
-        return {"platform": self.platform, "link": self.link}
-
-
-class RepositoryDocument(RawDocument):
-    data_type: ClassVar[str] = "repositories"
-    name: str
-    link: str
-    # The crawler calls the author of a repository its owner.
-    author_id: str = Field(min_length=1, validation_alias="owner_id")
-
-    def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "link": self.link}
-
-
 class CleanedDocument(BaseModel):
-    """A document's cleaned text: one point of the `cleaned_{type}` snapshot."""
+    """A document's cleaned text: one point of the `cleaned_{type}` snapshot. `author_keys`
+    and `metadata` come from the data type's declaration."""
 
     entry_id: str
     data_type: str
@@ -111,7 +80,7 @@ class CleanedDocument(BaseModel):
     content_hash: str
     cleaned_content: str
     metadata: dict[str, Any] = Field(default_factory=dict)
-    author_keys: ClassVar[tuple[str, ...]] = ("author_id",)  # payload keys of the author
+    author_keys: tuple[str, ...] = ("author_id",)  # payload keys of the author
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -127,14 +96,17 @@ class CleanedDocument(BaseModel):
         }
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> CleanedDocument:
+    def from_payload(
+        cls, payload: dict[str, Any], author_keys: tuple[str, ...], metadata_fields: tuple[str, ...]
+    ) -> CleanedDocument:
         return cls(
             entry_id=payload["document_id"],
             data_type=payload["data_type"],
             author_id=payload["author_id"],
             content_hash=payload["content_hash"],
             cleaned_content=payload["cleaned_content"],
-            metadata={k: v for k, v in payload.items() if k in METADATA_KEYS},
+            metadata={k: v for k, v in payload.items() if k in metadata_fields},
+            author_keys=author_keys,
         )
 
 
@@ -154,6 +126,7 @@ class ChunkedDocument(BaseModel):
     chunker: str  # signature of the chunking settings that produced `chunks`
     chunks: list[Chunk]
     metadata: dict[str, Any] = Field(default_factory=dict)
+    author_keys: tuple[str, ...] = ("author_id",)
 
 
 class EmbeddedChunk(BaseModel):
@@ -167,7 +140,7 @@ class EmbeddedChunk(BaseModel):
     chunk: Chunk
     model_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
-    author_keys: ClassVar[tuple[str, ...]] = ("author_id",)  # payload keys of the author
+    author_keys: tuple[str, ...] = ("author_id",)
 
     @classmethod
     def of(cls, document: ChunkedDocument, index: int, model_id: str) -> EmbeddedChunk:
@@ -180,6 +153,7 @@ class EmbeddedChunk(BaseModel):
             chunk=document.chunks[index],
             model_id=model_id,
             metadata=document.metadata,
+            author_keys=document.author_keys,
         )
 
     @property
@@ -199,62 +173,3 @@ class EmbeddedChunk(BaseModel):
             "pipeline_version": PIPELINE_VERSION,
             **self.metadata,
         }
-
-
-# One model per type and state. The type-specific fields of a raw document (platform, link,
-# name) travel on as `metadata`; `data_type` pins each state model to its type.
-
-
-class PostCleaned(CleanedDocument):
-    data_type: Literal["posts"] = "posts"
-
-
-class ArticleCleaned(CleanedDocument):
-    data_type: Literal["articles"] = "articles"
-
-
-class RepositoryCleaned(CleanedDocument):
-    data_type: Literal["repositories"] = "repositories"
-    author_keys: ClassVar[tuple[str, ...]] = ("author_id", "owner_id")
-
-
-class PostChunked(ChunkedDocument):
-    data_type: Literal["posts"] = "posts"
-
-
-class ArticleChunked(ChunkedDocument):
-    data_type: Literal["articles"] = "articles"
-
-
-class RepositoryChunked(ChunkedDocument):
-    data_type: Literal["repositories"] = "repositories"
-
-
-class PostEmbeddedChunk(EmbeddedChunk):
-    data_type: Literal["posts"] = "posts"
-
-
-class ArticleEmbeddedChunk(EmbeddedChunk):
-    data_type: Literal["articles"] = "articles"
-
-
-class RepositoryEmbeddedChunk(EmbeddedChunk):
-    data_type: Literal["repositories"] = "repositories"
-    author_keys: ClassVar[tuple[str, ...]] = ("author_id", "owner_id")
-
-
-class StateModels(NamedTuple):
-    raw: type[RawDocument]
-    cleaned: type[CleanedDocument]
-    chunked: type[ChunkedDocument]
-    embedded: type[EmbeddedChunk]
-
-
-STATE_MODELS: dict[str, StateModels] = {
-    "posts": StateModels(PostDocument, PostCleaned, PostChunked, PostEmbeddedChunk),
-    "articles": StateModels(ArticleDocument, ArticleCleaned, ArticleChunked, ArticleEmbeddedChunk),
-    "repositories": StateModels(
-        RepositoryDocument, RepositoryCleaned, RepositoryChunked, RepositoryEmbeddedChunk
-    ),
-}
-RAW_MODELS: dict[str, type[RawDocument]] = {t: m.raw for t, m in STATE_MODELS.items()}

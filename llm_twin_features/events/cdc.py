@@ -17,17 +17,28 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from llm_twin_features.domain.data_types import data_types, is_data_type
 from llm_twin_features.events.schema import ChangeEvent
-from llm_twin_features.settings import DATA_TYPES
 from llm_twin_features.stores.queue import BrokerConfig, BrokerUnavailable, EventPublisher
 from llm_twin_features.stores.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
 OPERATIONS = ("insert", "update", "replace", "delete")
-CHANGE_PIPELINE = [
-    {"$match": {"operationType": {"$in": list(OPERATIONS)}, "ns.coll": {"$in": list(DATA_TYPES)}}}
-]
+
+
+def change_pipeline() -> list[dict[str, Any]]:
+    """The change-stream filter: the operations and collections the pipeline handles."""
+    return [
+        {
+            "$match": {
+                "operationType": {"$in": list(OPERATIONS)},
+                "ns.coll": {"$in": list(data_types())},
+            }
+        }
+    ]
+
+
 STATE_ID = "cdc_resume_token"
 
 
@@ -39,7 +50,7 @@ def translate(change: dict[str, Any]) -> ChangeEvent | None:
     """The event for one change-stream document; None for changes the pipeline ignores."""
     operation = change.get("operationType")
     collection = (change.get("ns") or {}).get("coll")
-    if operation not in OPERATIONS or collection not in DATA_TYPES:
+    if operation not in OPERATIONS or not is_data_type(collection):
         return None
     token = change["_id"]
     token_data = token.get("_data") if isinstance(token, dict) else str(token)
@@ -99,7 +110,7 @@ def watch_once(
     with (
         EventPublisher(broker) as publisher,
         database.watch(
-            CHANGE_PIPELINE, resume_after=tokens.load(), max_await_time_ms=500
+            change_pipeline(), resume_after=tokens.load(), max_await_time_ms=500
         ) as stream,
     ):
         while not stop.is_set():

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from llm_twin_features.settings import DATA_TYPES
+from llm_twin_features.domain.data_types import data_types, is_data_type
 
 Operation = Literal["insert", "update", "replace", "delete"]
 # Namespace of the event ids derived from messages that carry none (uuid5).
@@ -54,8 +54,8 @@ def parse_event(body: bytes) -> ChangeEvent:
         raise PoisonMessage(f"invalid JSON: {error}") from error
     if not isinstance(data, dict):
         raise PoisonMessage("message is not a JSON object")
-    if data.get("type") not in DATA_TYPES:
-        raise PoisonMessage(f"unknown type {data.get('type')!r}; expected one of {DATA_TYPES}")
+    if not is_data_type(data.get("type")):
+        raise PoisonMessage(f"unknown type {data.get('type')!r}; expected one of {data_types()}")
     if not data.get("entry_id"):
         raise PoisonMessage("missing entry_id")
     # Without `op`, the message is the original CDC's: a whole document, whose own fields are

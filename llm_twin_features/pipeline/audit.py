@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import PIPELINE_VERSION
-from llm_twin_features.pipeline.stages import DEFAULT_MAX_DOCUMENT_CHARS, admit
+from llm_twin_features.domain.validation import DEFAULT_MAX_DOCUMENT_CHARS, admit
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
     cleaned_collection,
@@ -105,7 +105,8 @@ def audit(
     }
     report.chunks = sum(len(c) for c in expected_chunks.values())
 
-    vectors: dict[str, set[tuple[int, str]]] = defaultdict(set)
+    # (chunk_index, chunk_id) of each document's vector points; None where a payload lacks one
+    vectors: dict[str, set[tuple[int | None, str | None]]] = defaultdict(set)
     # (content hash, pipeline version) of each document's vector points
     vector_stamps: dict[str, set[tuple[str, str]]] = defaultdict(set)
     wrong_model: set[str] = set()
@@ -120,14 +121,14 @@ def audit(
         report.vectors += 1
 
     for entry_id, fingerprint in fingerprints.items():
-        payload = cleaned.get(entry_id)
-        if payload is None:
+        cleaned_payload = cleaned.get(entry_id)
+        if cleaned_payload is None:
             report.missing.append(entry_id)
             continue
         current_stamp = (fingerprint, PIPELINE_VERSION)  # vectors of older payloads are stale
         current = (
-            payload.get("content_hash") == fingerprint
-            and payload.get("pipeline_version") == PIPELINE_VERSION
+            cleaned_payload.get("content_hash") == fingerprint
+            and cleaned_payload.get("pipeline_version") == PIPELINE_VERSION
             and vector_stamps.get(entry_id, {current_stamp}) == {current_stamp}
         )
         if not current:

@@ -18,33 +18,34 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from qdrant_client import models as qm
 
-from llm_twin_features.domain.dispatchers import (
-    ChunkingDispatcher,
-    CleaningDispatcher,
-)
+from llm_twin_features.domain.data_types import spec_of
+from llm_twin_features.domain.dispatchers import ChunkingDispatcher, CleaningDispatcher
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import (
     PIPELINE_VERSION,
-    RAW_MODELS,
-    STATE_MODELS,
     ChunkedDocument,
     CleanedDocument,
     EmbeddedChunk,
     RawDocument,
     document_point_id,
 )
+from llm_twin_features.domain.validation import (
+    DEFAULT_MAX_DOCUMENT_CHARS,
+    admit,
+    describe_error,
+    validate,
+)
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
+    Point,
     cleaned_collection,
     vector_collection,
 )
-from llm_twin_features.stores.warehouse import UnreadableDocument, Warehouse
+from llm_twin_features.stores.warehouse import Warehouse
 
 Progress = Callable[[str], Any]
 EMBED_SLICE = 512  # texts per encode call: progress is reported between slices
-DEFAULT_MAX_DOCUMENT_CHARS = 1_000_000  # ~2,000 chunks of 500 characters
 
 
 def _quiet(_: str) -> None:
@@ -71,41 +72,6 @@ class StageReport:
     @property
     def chunks_per_second(self) -> float:
         return self.vectors_embedded / self.seconds if self.seconds else 0.0
-
-
-def validate(data_type: str, document: dict) -> RawDocument:
-    """A warehouse document as its type's raw model; raises ValidationError/ValueError."""
-    if isinstance(document, UnreadableDocument):
-        raise ValueError(document.reason)
-    model = RAW_MODELS.get(data_type)
-    if model is None:
-        raise ValueError(f"unknown data type {data_type!r}")
-    return model.model_validate({**document, "entry_id": str(document.get("_id", ""))})
-
-
-class DocumentTooLarge(ValueError):
-    """More text than one document may carry; quarantined instead of exhausting memory."""
-
-
-def admit(data_type: str, document: dict, max_chars: int) -> RawDocument:
-    """The validated document if the pipeline takes it; raises with the reason otherwise."""
-    raw = validate(data_type, document)
-    size = raw.text_size()
-    if size > max_chars:
-        raise DocumentTooLarge(
-            f"document too large: {size:,} characters of text, the limit is {max_chars:,} "
-            "(MAX_DOCUMENT_CHARS)"
-        )
-    return raw
-
-
-def describe_error(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
-            for e in error.errors()
-        )
-    return str(error)
 
 
 def _now() -> str:
@@ -234,11 +200,11 @@ def clean_documents(
         ):
             report.skipped_unchanged += 1
             continue
-        cleaned = CleaningDispatcher.dispatch(raw)
+        cleaned = CleaningDispatcher.dispatch(data_type, raw)
         if not cleaned.cleaned_content.strip():
             report.quarantined[raw.entry_id] = "no text left after cleaning"
             continue
-        points.append(qm.PointStruct(id=point_id, vector={}, payload=cleaned.payload()))
+        points.append(Point(point_id, cleaned.payload()))
 
     store.upsert(collection, points)
     keep = {document_point_id(data_type, r.entry_id) for r in raw_documents} - {
@@ -261,9 +227,9 @@ def clean_documents(
 def stored_cleaned(
     store: FeatureStore, data_type: str, scope: list[str] | None
 ) -> list[CleanedDocument]:
-    model = STATE_MODELS[data_type].cleaned
+    spec = spec_of(data_type)
     return [
-        model.from_payload(p.payload)
+        CleanedDocument.from_payload(p.payload, spec.author_keys, spec.metadata_fields)
         for p in store.points(cleaned_collection(data_type), scope)
         if p.payload
     ]
@@ -299,7 +265,8 @@ def chunk_documents(
             continue
         chunked = ChunkingDispatcher.dispatch(cleaned, embedder)
         report.chunks += len(chunked.chunks)
-        writes.append({"_id": chunked.entry_id, **chunked.model_dump(exclude={"entry_id"})})
+        body = chunked.model_dump(exclude={"entry_id", "author_keys"})
+        writes.append({"_id": chunked.entry_id, **body})
 
     state.replace_many(writes)
     gone = set(stored) - {c.entry_id for c in cleaned_documents}
@@ -316,9 +283,12 @@ def chunk_documents(
 def stored_chunks(
     warehouse: Warehouse, data_type: str, scope: list[str] | None
 ) -> list[ChunkedDocument]:
+    author_keys = spec_of(data_type).author_keys
     return [
-        STATE_MODELS[data_type].chunked(
-            entry_id=d["_id"], **{k: v for k, v in d.items() if k != "_id"}
+        ChunkedDocument(
+            entry_id=d["_id"],
+            author_keys=author_keys,
+            **{k: v for k, v in d.items() if k not in ("_id", "author_keys")},
         )
         for d in warehouse.chunk_state(data_type).find(scope)
     ]
@@ -327,8 +297,8 @@ def stored_chunks(
 # --- embedded --------------------------------------------------------------------------------
 
 
-def _point(target: EmbeddedChunk, vector: list[float]) -> qm.PointStruct:
-    return qm.PointStruct(id=target.point_id, vector=vector, payload=target.payload())
+def _point(target: EmbeddedChunk, vector: list[float]) -> Point:
+    return Point(target.point_id, target.payload(), vector)
 
 
 def embed_chunks(
@@ -352,14 +322,13 @@ def embed_chunks(
             by_document[payload.get("document_id", "")][payload.get("chunk_id", "")] = point_id
     report.in_scope = len(documents)
 
-    model = STATE_MODELS[data_type].embedded
     to_embed: list[EmbeddedChunk] = []
     to_copy: list[tuple[EmbeddedChunk, str]] = []  # reuse the vector of another point
     keep: set[str] = set()
     for document in documents:
         unchanged = True
         for chunk in document.chunks:
-            target = model.of(document, chunk.chunk_index, model_id)
+            target = EmbeddedChunk.of(document, chunk.chunk_index, model_id)
             keep.add(target.point_id)
             report.chunks += 1
             if existing.get(target.point_id) == target.payload():
@@ -400,6 +369,7 @@ def embed_chunks(
         written: Future | None = None
         done = 0
         for number, batch in enumerate(slices):
+            assert encoded is not None  # submitted before each slice
             vectors = encoded.result()
             if number + 1 < len(slices):
                 encoded = encode(slices[number + 1])

@@ -1,9 +1,9 @@
-"""The laptop stack as child processes: the model server, then either `dagster dev` (UI,
-daemon and code server) or a headless `dagster-daemon` with its own code server.
+"""The laptop stack as child processes: the model server, then either `dg dev` (UI, daemon
+and code server) or a headless `dagster-daemon` with its own code server.
 
 Used by `llm-twin-features dev` (and so `make run`), by the end-to-end event test and by the
 freshness benchmark. Children run in their own process groups and are stopped with SIGINT
-(`dagster dev` ignores SIGTERM), then killed if they linger.
+(`dg dev`, like `dagster dev`, ignores SIGTERM), then killed if they linger.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import IO
 
 from llm_twin_features.settings import Settings
 
-REPO_WORKSPACE = Path(__file__).resolve().parents[2] / "workspace.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # pyproject.toml: the `dg` project
 BIN = Path(sys.executable).parent
 
 
@@ -68,12 +68,13 @@ class LocalStack:
         self.processes: list[subprocess.Popen] = []
         self.env = {**os.environ, "DAGSTER_HOME": str(dagster_home), **(extra_env or {})}
         self.env["LLM_TWIN_DATA_DIR"] = str(settings.resolved_data_dir)
+        self.env["VIRTUAL_ENV"] = sys.prefix  # `dg dev --use-active-venv`: this interpreter
 
     def _start(self, *command: str | Path) -> subprocess.Popen:
         process = subprocess.Popen(
             [str(c) for c in command],
             env=self.env,
-            cwd=REPO_WORKSPACE.parent,
+            cwd=PROJECT_ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT if self.log else None,
             start_new_session=True,  # Ctrl-C in the terminal reaches us; we stop the children
@@ -89,15 +90,16 @@ class LocalStack:
             if self.ui_port is None:
                 self._start_daemon()
             else:
+                # `dg dev` in the project root: it loads the code location the project's
+                # pyproject.toml names ([tool.dg]), with this interpreter.
                 self._start(
-                    BIN / "dagster",
+                    BIN / "dg",
                     "dev",
-                    "-h",
+                    "--use-active-venv",
+                    "--host",
                     "127.0.0.1",
-                    "-p",
+                    "--port",
                     str(self.ui_port),
-                    "-w",
-                    REPO_WORKSPACE,
                 )
         except BaseException:
             self.stop()

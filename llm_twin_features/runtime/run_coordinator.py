@@ -15,7 +15,13 @@ correct then (Qdrant local's lock and the `feature_store` pool serialize their w
 
 from __future__ import annotations
 
+import logging
+
 import dagster as dg
+
+from llm_twin_features.runtime import dagster_private
+
+log = logging.getLogger(__name__)
 
 BUSY = [
     dg.DagsterRunStatus.QUEUED,
@@ -25,24 +31,41 @@ BUSY = [
 ]
 
 
-class LaunchWhenIdleRunCoordinator(dg.QueuedRunCoordinator):
+class LaunchWhenIdleRunCoordinator(dagster_private.RegisteredInstance, dg.QueuedRunCoordinator):
     """`QueuedRunCoordinator` (same config) that skips the queue while there is room."""
 
     def submit_run(self, context: dg.SubmitRunContext) -> dg.DagsterRun:
         run = context.dagster_run
-        if run.status == dg.DagsterRunStatus.NOT_STARTED and self.has_room():
-            self._instance.launch_run(run.run_id, context.workspace)
-            launched = self._instance.get_run_by_id(run.run_id)
+        instance = self.registered_instance
+        if (
+            instance is not None
+            and run.status == dg.DagsterRunStatus.NOT_STARTED
+            and self._has_room_or_queue(run)
+        ):
+            instance.launch_run(run.run_id, context.workspace)
+            launched = instance.get_run_by_id(run.run_id)
             assert launched is not None
             return launched
         return super().submit_run(context)
 
+    def _has_room_or_queue(self, run: dg.DagsterRun) -> bool:
+        """`has_room`; False (the run queues, as with `QueuedRunCoordinator`) if it failed."""
+        try:
+            return self.has_room()
+        except Exception as error:  # a Dagster upgrade changed what it reads, storage down
+            log.warning(f"run {run.run_id}: queued, could not tell if there is room: {error!r}")
+            return False
+
     def has_room(self) -> bool:
         """Nothing queued, and fewer runs in progress than the limit."""
-        queue = self._instance.get_concurrency_config().run_queue_config
-        if queue is None or queue.tag_concurrency_limits:
+        instance = self.registered_instance
+        limits = None if instance is None else dagster_private.run_queue_limits(instance)
+        if instance is None or limits is None:
             return False
-        runs = self._instance.get_runs(filters=dg.RunsFilter(statuses=BUSY))
+        max_concurrent_runs, tag_limits = limits
+        if tag_limits:
+            return False
+        runs = instance.get_runs(filters=dg.RunsFilter(statuses=BUSY))
         if any(r.status == dg.DagsterRunStatus.QUEUED for r in runs):
             return False
-        return queue.max_concurrent_runs == -1 or len(runs) < queue.max_concurrent_runs
+        return max_concurrent_runs == -1 or len(runs) < max_concurrent_runs

@@ -11,9 +11,14 @@ once, importing while the run goes on.
 
 It falls back to `DefaultRunLauncher` (the code server) whenever the ready process cannot take
 the run: the first run after start-up (nothing ready yet), a code location in another Python
-environment, a process that died, or an edit to the code location's files after the process
-started (an edit never runs with old code). Terminating a run it started sends its
-process SIGTERM, which Dagster turns into a cancelled run.
+environment, a process that died or could not prepare the run (run_worker.py), or an edit to
+the code location's files after the process started (an edit never runs with old code); and on
+any error on the way, from reading the run's
+code location and building its `execute_run` arguments to the ready process taking it (logged
+as a warning): the private Dagster API this path needs (dagster_private.py) may change with a
+Dagster upgrade, and a launch must not fail for it. Once the process has taken the run, the run
+is its own: nothing falls back then (that would run it twice). Terminating a run it started
+sends its process SIGTERM, which Dagster turns into a cancelled run.
 
 A thread waits for each process it gave a run to, as the code server does for the runs it
 starts: a process killed outright (SIGKILL, the OOM killer) never stays a zombie, and its run,
@@ -32,15 +37,15 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import dagster as dg
-from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
-from dagster._core.origin import RepositoryPythonOrigin
-from dagster._grpc.types import ExecuteRunArgs
-from dagster._serdes import serialize_value
 
+from llm_twin_features.runtime import dagster_private
 from llm_twin_features.runtime.dead_runs import HOST_TAG, PID_TAG, owner_tags, process_gone
 from llm_twin_features.runtime.run_worker import RUN
+
+log = logging.getLogger(__name__)
 
 LAUNCHED_BY_TAG = "llm_twin/launched_by"
 PRESTARTED = "prestarted-process"
@@ -86,7 +91,8 @@ class PrestartedRunProcess:
         return self.process.pid
 
     def hand_over(self, request: str, timeout: float = HAND_OVER_TIMEOUT_SECONDS) -> bool:
-        """Gives it the run; True once it has taken it (it then runs on by itself)."""
+        """Gives it the run; True once it has taken it (it then runs on by itself). Otherwise,
+        whatever went wrong, the process is gone on return."""
         assert self.process.stdin is not None
         try:
             self.process.stdin.write(request + "\n")
@@ -94,6 +100,9 @@ class PrestartedRunProcess:
             ready, _, _ = select.select([self.replies], [], [], timeout)
             answer = self.replies.readline().strip() if ready else ""
         except OSError:  # it died before reading the run
+            answer = ""
+        except Exception as error:
+            log.warning(f"could not hand a run to process {self.pid}: {error!r}")
             answer = ""
         finally:
             self.replies.close()
@@ -115,47 +124,97 @@ class PrestartedRunProcess:
             self.replies.close()
 
 
-class PrestartedProcessRunLauncher(dg.DefaultRunLauncher):
+class PrestartedProcessRunLauncher(dagster_private.RegisteredInstance, dg.DefaultRunLauncher):
     """`DefaultRunLauncher` that hands runs to a process started ahead of time when it can."""
 
-    def __init__(self, inst_data=None) -> None:
+    def __init__(self, inst_data: dagster_private.ConfigurableClassData | None = None) -> None:
         super().__init__(inst_data=inst_data)
         self._lock = threading.Lock()
         self._ready: dict[str, PrestartedRunProcess] = {}  # by serialized repository origin
+        self._watchers: dict[str, threading.Thread] = {}  # by run id: runs it handed over
 
-    def launch_run(self, context: LaunchRunContext) -> None:
+    def launch_run(self, context: dagster_private.LaunchRunContext) -> None:
         run = context.dagster_run
-        origin = run.job_code_origin
-        if origin is None or origin.repository_origin.executable_path != sys.executable:
-            super().launch_run(context)  # another environment: its code server knows it
-            return
-        key = serialize_value(origin.repository_origin)
+        origin = None
+        try:
+            origin = self._prestartable_origin(run)
+            launched = origin is not None and self._hand_to_ready_process(run, origin)
+        except Exception as error:  # a Dagster upgrade changed its private API, or a bug here
+            log.warning(
+                f"run {run.run_id}: the process started ahead of time cannot take it "
+                f"({error!r}); the code server launches it",
+                exc_info=True,
+            )
+            launched = False
+        if not launched:
+            super().launch_run(context)
+        if origin is not None:
+            self._prestart_next(origin)
+
+    def _prestartable_origin(
+        self, run: dg.DagsterRun
+    ) -> dagster_private.RepositoryPythonOrigin | None:
+        """The code location of `run` if a process started here can run it: one in this Python
+        environment (another environment's code server knows it)."""
+        origin = dagster_private.code_location_origin(run)
+        if origin is None or dagster_private.python_executable(origin) != sys.executable:
+            return None
+        return origin
+
+    def _hand_to_ready_process(
+        self, run: dg.DagsterRun, origin: dagster_private.RepositoryPythonOrigin
+    ) -> bool:
+        """Hands `run` to the process ready for its code location; False if none took it."""
+        instance = self.registered_instance
+        if instance is None:
+            raise RuntimeError("no Dagster instance registered with the run launcher")
+        # Built before a ready process is taken: if this fails, that process waits on.
+        request = dagster_private.execute_run_request(run, instance)
+        key = dg.serialize_value(origin)
         with self._lock:
             ready = self._ready.pop(key, None)
-        request = serialize_value(
-            ExecuteRunArgs(
-                job_origin=origin, run_id=run.run_id, instance_ref=self._instance.get_ref()
-            )
-        )
-        if ready is not None and ready.hand_over(request):
-            self._instance.add_run_tags(
+        if ready is None or not ready.hand_over(request):
+            return False
+        self._took(instance, run, ready)
+        return True
+
+    def _took(
+        self, instance: dg.DagsterInstance, run: dg.DagsterRun, ready: PrestartedRunProcess
+    ) -> None:
+        """Records that process `ready` took `run` and waits for it; never raises: the run is
+        that process's now, launching it again would run it twice."""
+        try:
+            instance.add_run_tags(
                 run.run_id, {LAUNCHED_BY_TAG: PRESTARTED, **owner_tags(ready.pid)}
             )
-            self._instance.report_engine_event(
+            instance.report_engine_event(
                 f"Run handed to a process started ahead of time (pid {ready.pid}).",
                 run,
                 cls=self.__class__,
             )
-            self._run_ids.add(run.run_id)
-            threading.Thread(
+        except Exception:
+            log.exception(f"run {run.run_id}: could not record that process {ready.pid} runs it")
+        try:
+            watcher = threading.Thread(
                 target=self._watch,
                 args=(ready.process, run.run_id),
                 daemon=True,
                 name=f"run-process-{ready.pid}",
-            ).start()
-        else:
-            super().launch_run(context)
-        self.prestart(origin.repository_origin)
+            )
+            with self._lock:
+                self._watchers[run.run_id] = watcher
+            watcher.start()
+        except Exception:
+            with self._lock:
+                self._watchers.pop(run.run_id, None)
+            log.exception(f"run {run.run_id}: could not watch its process {ready.pid}")
+
+    def _prestart_next(self, origin: dagster_private.RepositoryPythonOrigin) -> None:
+        """`prestart`, for the run after this one; a failure only costs that run the speed-up."""
+        try:
+            self.prestart(origin)
+        except Exception:
+            log.warning("could not start a process ahead of the next run", exc_info=True)
 
     def _watch(self, process: subprocess.Popen, run_id: str) -> None:
         """Waits for the process of run `run_id` to end; if the run has not finished by then
@@ -163,9 +222,9 @@ class PrestartedProcessRunLauncher(dg.DefaultRunLauncher):
         and frees its pool slots."""
         exit_code = process.wait()  # reaps it: no zombie
         try:
-            if not self.has_instance:
+            instance = self.registered_instance
+            if instance is None:
                 return
-            instance = self._instance
             run = instance.get_run_by_id(run_id)
             if run is None:
                 return
@@ -181,38 +240,57 @@ class PrestartedProcessRunLauncher(dg.DefaultRunLauncher):
                     instance.report_run_failed(run, message)
             instance.event_log_storage.free_concurrency_slots_for_run(run_id)
         except Exception:  # the instance was disposed of meanwhile, storage unavailable
-            logging.getLogger(__name__).exception(f"could not settle run {run_id}")
+            log.exception(f"could not settle run {run_id}")
+        finally:
+            with self._lock:
+                self._watchers.pop(run_id, None)
+
+    def join(self, timeout: int = 30) -> None:
+        """Waits for the runs it launched to finish: the code server's (`DefaultRunLauncher`)
+        and those it handed to a process started ahead of time (until the process ended and
+        its run was settled)."""
+        deadline = time.monotonic() + timeout
+        super().join(timeout)
+        with self._lock:
+            watchers = dict(self._watchers)
+        for watcher in watchers.values():
+            watcher.join(max(0.0, deadline - time.monotonic()))
+        running = [run_id for run_id, watcher in watchers.items() if watcher.is_alive()]
+        if running:
+            raise TimeoutError(f"Timed out waiting for these runs to finish: {running!r}")
 
     @property
     def supports_check_run_worker_health(self) -> bool:
-        return True
+        return dagster_private.worker_health_supported()
 
-    def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
+    def check_run_worker_health(self, run: dg.DagsterRun) -> dagster_private.CheckRunHealthResult:
         """For the daemon's run monitoring: a started run whose recorded process is gone has
         failed; any other is taken as running (a run launched elsewhere, another host's)."""
         if process_gone(run):
-            return CheckRunHealthResult(
-                WorkerStatus.FAILED, f"the process of this run (pid {run.tags[PID_TAG]}) is gone"
+            return dagster_private.worker_health(
+                f"the process of this run (pid {run.tags[PID_TAG]}) is gone"
             )
-        return CheckRunHealthResult(WorkerStatus.RUNNING)
+        return dagster_private.worker_health(None)
 
-    def prestart(self, repository_origin: RepositoryPythonOrigin) -> None:
+    def prestart(self, repository_origin: dagster_private.RepositoryPythonOrigin) -> None:
         """Starts the process for the next run of this code location, unless one is ready."""
-        key = serialize_value(repository_origin)
+        key = dg.serialize_value(repository_origin)
         with self._lock:
             if key not in self._ready:
                 self._ready[key] = PrestartedRunProcess(sys.executable, key)
 
     def terminate(self, run_id: str) -> bool:
-        run = self._instance.get_run_by_id(run_id) if self.has_instance else None
+        instance = self.registered_instance
+        run = instance.get_run_by_id(run_id) if instance is not None else None
         if (
-            run is None
+            instance is None
+            or run is None
             or run.is_finished
             or run.tags.get(LAUNCHED_BY_TAG) != PRESTARTED
             or run.tags.get(HOST_TAG) != socket.gethostname()
         ):
             return super().terminate(run_id)
-        self._instance.report_run_canceling(run)
+        instance.report_run_canceling(run)
         try:
             os.kill(int(run.tags[PID_TAG]), signal.SIGTERM)  # Dagster cancels the run
         except ProcessLookupError:

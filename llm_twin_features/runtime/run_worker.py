@@ -1,11 +1,13 @@
 """A run process started before its run exists (see run_launcher.py).
 
-It imports Dagster and the code location, builds the repository, then waits on stdin for one
-line: the serialized `ExecuteRunArgs` of a run. It answers on its reply pipe "run", and
-executes the run exactly as `dagster api execute_run` does, or "stale" when a source file of
-the code location was edited after this process started (the launcher then starts that run
-the usual way: an edit never runs with old code). End of stdin (the launcher closed it, or
-its process is gone) or Ctrl-C while waiting ends it quietly.
+It imports Dagster and the code location, builds the repository and what executing a run needs,
+then waits on stdin for one line: the serialized `ExecuteRunArgs` of a run. It answers on its
+reply pipe "run", and executes the run exactly as `dagster api execute_run` does; or "stale"
+when a source file of the code location was edited after this process started (an edit never
+runs with old code), or "declined" when it could not prepare the run (the code location failed
+to load, or the Dagster private API it needs, dagster_private.py, changed): the launcher then
+starts that run the usual way, which reports a code location's error on the run. End of stdin
+(the launcher closed it, or its process is gone) or Ctrl-C while waiting ends it quietly.
 
 Usage: python -m llm_twin_features.runtime.run_worker SERIALIZED_REPOSITORY_ORIGIN REPLY_FD
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 RUN = "run"
 STALE = "stale"
+DECLINED = "declined"
 
 
 def edited_since(started_ns: int) -> list[str]:
@@ -41,18 +44,28 @@ def edited_since(started_ns: int) -> list[str]:
 
 
 def preload(serialized_origin: str) -> bool:
-    """Imports and builds the code location; False if that failed (the launcher then starts
-    the run the usual way, which reports the error on the run)."""
-    from dagster._cli.api import api_cli  # noqa: F401  (what `dagster api execute_run` imports)
-    from dagster._core.origin import RepositoryPythonOrigin
-    from dagster._serdes import deserialize_value
-    from dagster._utils.hosted_user_process import recon_repository_from_origin
+    """Imports and builds the code location, and imports what executing a run needs; False if
+    that failed (the launcher then starts the run the usual way, which reports a code location's
+    error on the run)."""
+    try:
+        from llm_twin_features.runtime import dagster_private
+
+        dagster_private.prepare_run_execution()  # what `dagster api execute_run` imports
+        dagster_private.load_code_location(serialized_origin)
+    except Exception as error:
+        print(f"run worker: could not preload the code location: {error!r}", file=sys.stderr)
+        return False
+    return True
+
+
+def readable(request: str) -> bool:
+    """Whether this process's Dagster reads `request` as the arguments of a run."""
+    from llm_twin_features.runtime import dagster_private
 
     try:
-        origin = deserialize_value(serialized_origin, RepositoryPythonOrigin)
-        recon_repository_from_origin(origin).get_definition()
+        dagster_private.run_id_of_request(request)
     except Exception as error:
-        print(f"run worker: could not preload the code location: {error}", file=sys.stderr)
+        print(f"run worker: cannot read the run's arguments: {error!r}", file=sys.stderr)
         return False
     return True
 
@@ -68,13 +81,16 @@ def main(argv: list[str]) -> int:
             return 0
         if not request:
             return 0
-        if not preloaded or edited_since(started_ns):
+        if not preloaded or not readable(request):
+            reply.write(DECLINED + "\n")
+            return 0
+        if edited_since(started_ns):
             reply.write(STALE + "\n")
             return 0
         reply.write(RUN + "\n")
-    from dagster._cli.api import api_cli
+    from llm_twin_features.runtime import dagster_private
 
-    api_cli.main(args=["execute_run", request], prog_name="dagster api")  # exits
+    dagster_private.execute_run(request)  # exits
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,13 @@ def _documents_filter(document_ids: Iterable[str] | None) -> models.Filter | Non
             models.FieldCondition(key="document_id", match=models.MatchAny(any=list(document_ids)))
         ]
     )
+
+
+@dataclass(frozen=True)
+class Point:
+    id: str
+    payload: dict[str, Any]
+    vector: list[float] | None = None
 
 
 class FeatureStore:
@@ -141,13 +149,18 @@ class FeatureStore:
 
     # --- writes --------------------------------------------------------------------------------
 
-    def upsert(self, collection: str, points: list[models.PointStruct]) -> None:
+    def upsert(self, collection: str, points: list[Point]) -> None:
+        """Writes points (idempotent: their ids are deterministic); `vector` None: a payload
+        only point (the cleaned snapshot)."""
         self._before_write(collection)
-        for start in range(0, len(points), UPSERT_BATCH):
-            self.client.upsert(collection, points=points[start : start + UPSERT_BATCH], wait=True)
+        structs = [
+            models.PointStruct(id=p.id, vector=p.vector or {}, payload=p.payload) for p in points
+        ]
+        for start in range(0, len(structs), UPSERT_BATCH):
+            self.client.upsert(collection, points=structs[start : start + UPSERT_BATCH], wait=True)
 
     def delete_points(self, collection: str, point_ids: Iterable[str]) -> None:
-        ids = list(point_ids)
+        ids: list[models.ExtendedPointId] = list(point_ids)
         if ids and self.exists(collection):
             self._before_write(collection)
             self.client.delete(

@@ -19,12 +19,19 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pika
 import pika.exceptions
 
-from llm_twin_features.events.schema import ChangeEvent
+
+class Message(Protocol):
+    """What the publisher sends: a change event (`events/schema.py`) or anything like it."""
+
+    event_id: str
+
+    def to_json(self) -> bytes: ...
+
 
 POISON_REASON_HEADER = "x-poison-reason"
 POLL_INTERVAL = 0.05
@@ -212,7 +219,7 @@ class _Session:
 class EventPublisher(_Session):
     """Publishes persistent events with publisher confirms: return means the broker has it."""
 
-    def publish(self, events: Iterable[ChangeEvent]) -> int:
+    def publish(self, events: Iterable[Message]) -> int:
         count = 0
         for event in events:
             self._publish("", self.config.queue, event.to_json(), message_id=event.event_id)
@@ -247,6 +254,7 @@ class EventInbox(_Session):
                 if method is None:
                     if time.monotonic() >= quiet_until:
                         break
+                    assert self.connection is not None  # open: basic_get just answered
                     self.connection.sleep(POLL_INTERVAL)  # keeps the connection serviced
                     continue
                 headers = properties.headers or {}

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_twin_features.settings import DATA_TYPES
+from llm_twin_features.domain.data_types import spec_of
+from llm_twin_features.domain.validation import UnreadableDocument
 
 QUARANTINE = "quarantine"
 
@@ -29,15 +30,6 @@ class WarehouseUnavailable(RuntimeError):
 class WarehouseError(RuntimeError):
     """A warehouse operation failed (disk full, unreadable file, ...); the batch was not
     written. The message names the store, where it is and what to do."""
-
-
-class UnreadableDocument(dict):
-    """A stored row that cannot be decoded: only its `_id`, and why. Readers quarantine it
-    instead of failing on the whole collection; `delete` can still remove it."""
-
-    def __init__(self, document_id: str, reason: str) -> None:
-        super().__init__(_id=document_id)
-        self.reason = reason
 
 
 def _montydb_client(path: Path):
@@ -313,8 +305,7 @@ class Warehouse:
 
     @staticmethod
     def _check_type(data_type: str) -> None:
-        if data_type not in DATA_TYPES:
-            raise ValueError(f"unknown data type {data_type!r}; known: {', '.join(DATA_TYPES)}")
+        spec_of(data_type)  # raises ValueError for an unknown type
 
 
 def open_warehouse(

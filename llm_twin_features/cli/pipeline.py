@@ -1,0 +1,108 @@
+"""`backfill`: the four stages for whole partitions or chosen documents, through Dagster."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from llm_twin_features.cli.common import err, prepare_dagster_home
+from llm_twin_features.domain.data_types import data_types
+from llm_twin_features.settings import Settings
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    if args.ids and not args.type:
+        err("error: --ids needs --type")
+        return 2
+    chosen = [args.type] if args.type else list(data_types())
+    return run_pipeline(settings, dict.fromkeys(chosen, args.ids), trigger="cli-backfill")
+
+
+def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
+    """One run of the pipeline job per data type (scoped to ids, or whole), with progress."""
+    from llm_twin_features.runtime.local_stack import helper_model_server
+
+    # First: the model loads in a helper process while Dagster is imported here.
+    with helper_model_server(settings) as model_server:
+        if model_server:
+            print(
+                f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
+            )
+        return _run_pipeline(settings, scopes, trigger)
+
+
+def _run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
+    home = prepare_dagster_home(settings)
+    import dagster as dg
+
+    from llm_twin_features.definitions import build_definitions
+    from llm_twin_features.defs.assets import FEATURE_STORE_POOL, feature_assets
+    from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
+    from llm_twin_features.runtime.dead_runs import release_dead_runs
+
+    job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
+    failed = []
+    total = len(scopes)
+    stop_reaper = threading.Event()
+
+    def reap() -> None:
+        """A run blocks on a pool slot that a killed run still holds: free such slots, now
+        and every few seconds while the runs go on."""
+        with dg.DagsterInstance.from_config(str(home)) as own:
+            while True:
+                for run_id in release_dead_runs(own, [FEATURE_STORE_POOL]):
+                    err(f"released the pool slot of run {run_id}: its process is gone")
+                if stop_reaper.wait(5):
+                    return
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        # Started once the instance (and its tables) exist: the reaper opens its own.
+        threading.Thread(target=reap, daemon=True, name="dead-run-reaper").start()
+        print(f"{trigger}: {', '.join(scopes)} through the Dagster instance at {home}")
+        for number, (data_type, ids) in enumerate(scopes.items(), start=1):
+            what = "whole partition" if ids is None else f"{len(ids)} documents"
+            print(
+                f"[{number}/{total}] {data_type}: running {FEATURE_PIPELINE_JOB} ({what})",
+                flush=True,
+            )
+            run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+            if ids is not None:
+                scope = {"config": {"document_ids": ids}}
+                run_config["ops"] = {asset.key.path[-1]: scope for asset in feature_assets}
+            started = time.perf_counter()
+            result = job.execute_in_process(
+                instance=instance,
+                partition_key=data_type,
+                tags={"llm_twin/trigger": trigger},
+                run_config=run_config,
+                raise_on_error=False,
+            )
+            seconds = time.perf_counter() - started
+            if not result.success:
+                failed.append(data_type)
+                err(f"[{number}/{total}] {data_type}: FAILED (run {result.run_id})")
+                continue
+            summary = _materialization_summary(result)
+            print(f"[{number}/{total}] {data_type}: done in {seconds:.1f} s: {summary}")
+    stop_reaper.set()
+    if failed:
+        err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI")
+        return 1
+    return 0
+
+
+def _materialization_summary(result) -> str:
+    metadata = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        metadata[materialization.asset_key.to_user_string()] = {
+            k: v.value for k, v in materialization.metadata.items()
+        }
+    embedded = metadata.get("embedded_chunks", {})
+    raw = metadata.get("raw_documents", {})
+    return (
+        f"{raw.get('documents_in_scope', 0)} documents, {raw.get('quarantined', 0)} quarantined, "
+        f"{embedded.get('chunks', 0)} chunks, {embedded.get('vectors_embedded', 0)} embedded, "
+        f"{embedded.get('vectors_reused', 0)} reused"
+    )
