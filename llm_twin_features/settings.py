@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm_twin_features.domain.embedding import BUNDLED_MODEL, DEFAULT_BATCH_SIZE
 from llm_twin_features.domain.validation import DEFAULT_MAX_DOCUMENT_CHARS
+from llm_twin_features.stores.queue import BrokerConfig
 
 DEFAULT_CODE_INSTRUCTION = "Represent the code snippet for retrieval:"
 DEFAULT_CODE_QUERY_INSTRUCTION = "Represent the question for retrieving relevant code:"
@@ -50,12 +51,12 @@ class Settings(BaseSettings):
     embedding_service_url: str | None = None
 
     # Change events (RabbitMQ). Unset user/password: the broker's default local account.
-    rabbitmq_host: str = "127.0.0.1"
-    rabbitmq_port: int = 5672
+    rabbitmq_host: str = BrokerConfig.host
+    rabbitmq_port: int = BrokerConfig.port
     rabbitmq_user: str | None = None
     rabbitmq_password: SecretStr | None = None
-    rabbitmq_vhost: str = "/"
-    rabbitmq_queue: str = "warehouse_changes"
+    rabbitmq_vhost: str = BrokerConfig.vhost
+    rabbitmq_queue: str = BrokerConfig.queue
     sensor_interval_seconds: int = 1
     sensor_max_events: int = 500
     sensor_time_budget_seconds: float = 10.0
@@ -68,9 +69,7 @@ class Settings(BaseSettings):
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
 
-    def broker_config(self):
-        from llm_twin_features.stores.queue import BrokerConfig
-
+    def broker_config(self) -> BrokerConfig:
         password = self.rabbitmq_password.get_secret_value() if self.rabbitmq_password else None
         return BrokerConfig(
             host=self.rabbitmq_host,

@@ -12,8 +12,8 @@ changes one therefore makes that call raise instead of making the instance unabl
 run launcher, and each caller falls back to Dagster's own path: the launcher to the code
 server's launch (`DefaultRunLauncher`), the run worker declines the run (the launcher then does
 the same), the coordinator queues the run, and the launcher stops offering run monitoring.
-tests/test_dagster_private.py checks each use against the installed Dagster and names what to
-update when one changed.
+tests/integration/test_dagster_private.py checks each use against the installed Dagster and
+names what to update when one changed.
 """
 
 from __future__ import annotations

@@ -12,11 +12,14 @@ dev`; docker compose runs it as the `models` service. JSON over HTTP, standard l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from llm_twin_features.domain.embedding import DEFAULT_BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        try:
+        # The client may have given up waiting (a health probe's timeout): nothing to tell it.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up waiting (a health probe's timeout): nothing to tell it
 
     def do_GET(self) -> None:
         from llm_twin_features.domain.embedding import loaded_models
@@ -106,7 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(
-    host: str, port: int, preload: list[str], batch_size: int = 16, workers: int = 1
+    host: str, port: int, preload: list[str], batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 1
 ) -> ThreadingHTTPServer:
     """Listens at once and loads `preload` models in the background; returns the started
     server (call `shutdown()` to stop).

@@ -22,7 +22,7 @@ from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import Point, cleaned_collection, vector_collection
 
-from .conftest import SAMPLE_CORPUS, STORE_VARIABLES
+from ..conftest import SAMPLE_CORPUS, STORE_VARIABLES
 
 ASSETS = ("raw_documents", "cleaned_documents", "chunked_documents", "embedded_chunks")
 VALID = {"posts": 30, "articles": 20, "repositories": 12}

@@ -9,7 +9,7 @@ from llm_twin_features.domain.validation import describe_error, validate
 from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
 from llm_twin_features.settings import Settings
 
-from .conftest import sample_documents
+from ..conftest import sample_documents
 
 POST = {"_id": "p1", "platform": "linkedin", "content": {"text": "Hello"}, "author_id": "u1"}
 REPO = {

@@ -1,4 +1,4 @@
-"""A code location for tests/test_run_launcher.py, which copies it into a temporary directory."""
+"""A code location for tests/e2e/test_run_launcher.py, which copies it into a temp directory."""
 
 import os
 import time

@@ -3,7 +3,7 @@ local RabbitMQ, montydb and qdrant local mode as the embedded stores, the bundle
 
 Each test names the fault, how it is injected and what must hold afterwards. Figures they
 measure (time to converge, peak memory) are printed as `FAULT-FIGURES {...}` lines (see them
-with `pytest tests/test_faults.py -q -s`) and reported in RELIABILITY.md. Every wait is
+with `pytest tests/e2e/test_faults.py -q -s`) and reported in RELIABILITY.md. Every wait is
 bounded; every process a test starts is stopped by the test.
 """
 
@@ -59,7 +59,7 @@ from llm_twin_features.stores.queue import (
 )
 from llm_twin_features.stores.warehouse import open_warehouse
 
-from .conftest import SAMPLE_CORPUS, STORE_VARIABLES
+from ..conftest import SAMPLE_CORPUS, STORE_VARIABLES
 
 from bench.generate_corpus import generate  # isort: skip  (the repo root, not a package)
 

@@ -82,9 +82,7 @@ def test_a_type_declared_once_runs_end_to_end(tmp_path: Path):
     assert backfill.returncode == 0, backfill.stderr
     assert "videos: done" in backfill.stdout and "3 documents" in backfill.stdout
 
-    found = run(
-        data_dir, "search", "how do I tune a derailleur?", "--type", "videos", "--json"
-    )
+    found = run(data_dir, "search", "how do I tune a derailleur?", "--type", "videos", "--json")
     assert found.returncode == 0, found.stderr
     hits = [json.loads(line) for line in found.stdout.splitlines()]
     assert hits[0]["document_id"] == "v1"

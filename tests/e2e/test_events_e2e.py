@@ -20,7 +20,7 @@ from llm_twin_features.runtime.local_stack import LocalStack, free_port
 from llm_twin_features.runtime.run_launcher import LAUNCHED_BY_TAG, PRESTARTED
 from llm_twin_features.settings import Settings
 
-from .conftest import SAMPLE_CORPUS
+from ..conftest import SAMPLE_CORPUS
 
 UPDATED = "566bf9d7-c55a-45f8-91a6-e55e9b9b1325"
 DELETED = "857ce06b-f9a2-4be1-b55c-ca5db3c7b88e"

@@ -36,9 +36,9 @@ from llm_twin_features.stores.feature_store import open_feature_store
 from llm_twin_features.stores.queue import BrokerUnavailable, EventPublisher
 from llm_twin_features.stores.warehouse import open_warehouse
 
-from .conftest import STORE_VARIABLES
+from ..conftest import STORE_VARIABLES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "llm-twin-features")
 
 # Recognisable, URL-safe secrets: found verbatim wherever they would leak.

@@ -3,7 +3,7 @@ runs go to a process started ahead of time, the usual code-server launch takes o
 process cannot run the code as it is now, termination cancels, a run whose process is killed
 outright fails and frees its pool slot, and no ready process outlives its launcher; any error on
 the way to a ready process (the private Dagster API it uses changed, dagster_private.py) leaves
-the run to the code server. The daemon's use of it is exercised by tests/test_events_e2e.py."""
+the run to the code server. The daemon's use of it is exercised by tests/e2e/test_events_e2e.py."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB, WAREHOUSE_EVENTS_J
 from llm_twin_features.defs.resources import EventBrokerResource
 from llm_twin_features.stores.queue import POISON_REASON_HEADER, EventInbox, EventPublisher
 
-from .conftest import SAMPLE_CORPUS
+from ..conftest import SAMPLE_CORPUS
 
 POST_IDS = ["566bf9d7-c55a-45f8-91a6-e55e9b9b1325", "857ce06b-f9a2-4be1-b55c-ca5db3c7b88e"]
 

@@ -14,7 +14,7 @@ import psutil
 from llm_twin_features import cli
 from llm_twin_features.stores.queue import EventInbox
 
-from .conftest import SAMPLE_CORPUS
+from ..conftest import SAMPLE_CORPUS
 
 
 def helper_server_processes(url: str) -> list[psutil.Process]:

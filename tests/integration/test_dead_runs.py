@@ -17,7 +17,7 @@ import pytest
 from llm_twin_features.cli.common import REPO_DAGSTER_YAML
 from llm_twin_features.runtime.dead_runs import HOST_TAG, PID_TAG, release_dead_runs
 
-from .conftest import SAMPLE_CORPUS
+from ..conftest import SAMPLE_CORPUS
 
 CLI = [sys.executable, "-m", "llm_twin_features.cli"]
 

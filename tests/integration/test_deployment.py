@@ -33,9 +33,9 @@ from llm_twin_features import cli
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.settings import Settings
 
-from .conftest import SAMPLE_CORPUS
+from ..conftest import SAMPLE_CORPUS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 GPU_OVERLAY = ROOT / "deploy" / "docker-compose.gpu.yml"
 STACK_INSTANCE = ROOT / "deploy" / "dagster.yaml"

@@ -18,7 +18,7 @@ from llm_twin_features.domain.models import chunk_point_id, document_point_id
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import Point, cleaned_collection, vector_collection
 
-from .conftest import SAMPLE_CORPUS
+from ..conftest import SAMPLE_CORPUS
 
 LONG_ARTICLE = "0c67a2cb-603c-4616-b7a2-2873705bdd12"
 

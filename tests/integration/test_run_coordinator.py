@@ -1,6 +1,6 @@
 """When the laptop's run coordinator launches at once and when it leaves a run to the queue.
 
-The launch itself is exercised for real by tests/test_events_e2e.py (daemon + code server):
+The launch itself is exercised for real by tests/e2e/test_events_e2e.py (daemon + code server):
 there the event run must carry no "enqueued" event."""
 
 import logging

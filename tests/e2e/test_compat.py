@@ -11,7 +11,7 @@ as REFERENCE.md ("The original's neighbours") describes them, run against this p
   limit=10000)`, reading `payload["cleaned_content"]`.
 
 Real RabbitMQ, the embedded stores, the bundled model; the events sensor is evaluated and its
-runs executed in-process the way the daemon does it (tests/test_sensor.py's harness).
+runs executed in-process the way the daemon does it (tests/integration/test_sensor.py's harness).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import Point
 from llm_twin_features.stores.queue import BrokerConfig, EventInbox, EventPublisher
 
-from .conftest import STORE_VARIABLES, sample_documents
+from ..conftest import STORE_VARIABLES, sample_documents
+from ..integration.test_sensor import SensorHarness, search_top, status
 from .test_pipeline_e2e import Harness
-from .test_sensor import SensorHarness, search_top, status
 
 VALID = {"posts": 30, "articles": 20, "repositories": 12}  # of the sample corpus
 AUTHOR_KEY = {"posts": "author_id", "articles": "author_id", "repositories": "owner_id"}

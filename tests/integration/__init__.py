@@ -1,0 +1,2 @@
+"""Integration tests: real RabbitMQ and PostgreSQL, the embedded stores, Dagster instances
+and in-process runs."""
