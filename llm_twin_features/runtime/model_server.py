@@ -83,13 +83,10 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 )
             elif self.path == "/info":
-                self._reply(
-                    200,
-                    {
-                        "max_seq_length": int(model.max_seq_length),
-                        "dimension": int(model.get_embedding_dimension()),
-                    },
-                )
+                length, dimension = model.max_seq_length, model.get_embedding_dimension()
+                if length is None or dimension is None:
+                    raise ValueError(f"{request['model']} declares no input length or dimension")
+                self._reply(200, {"max_seq_length": int(length), "dimension": int(dimension)})
             elif self.path == "/embed":
                 with self.encode_lock:
                     vectors = encode(

@@ -11,7 +11,7 @@ import pytest
 from llm_twin_features import cli
 from llm_twin_features.cli.common import feature_store_of, warehouse_of
 from llm_twin_features.definitions import build_definitions
-from llm_twin_features.defs.assets import scoped_run_config
+from llm_twin_features.defs.assets import feature_assets, scoped_run_config
 from llm_twin_features.defs.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT
 from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
 from llm_twin_features.domain.models import chunk_point_id, document_point_id
@@ -194,3 +194,27 @@ def test_a_scoped_audit_looks_at_its_documents_only(backfilled):
     assert set(whole.drifted_ids) == set(drift.values())
     assert others.in_sync and others.warehouse_documents == 3
     assert one.drift == {"missing": [drift["missing"]], "orphans": ["ghost-article"]}
+
+
+def test_a_materialization_launched_from_the_ui_covers_its_partition(backfilled):
+    """The UI's "Materialize" runs Dagster's own asset job: the repair sensor recognises it by
+    its asset selection, not by the job's internal name."""
+    make_drift()
+    defs = build_definitions()
+    audit_run = defs.resolve_job_def("audit_job").execute_in_process(instance=backfilled)
+    ui_run = backfilled.create_run_for_job(
+        job_def=defs.resolve_implicit_global_asset_job_def(),
+        asset_selection=frozenset(asset.key for asset in feature_assets),
+        tags={"dagster/partition": "articles"},
+        status=dg.DagsterRunStatus.STARTED,
+    )
+    assert ui_run.job_name != "audit_repair_job"
+    context = dg.build_run_status_sensor_context(
+        sensor_name="audit_repair_sensor",
+        dagster_instance=backfilled,
+        dagster_run=audit_run.dagster_run,
+        dagster_event=audit_run.get_run_success_event(),
+    )
+    requests = {r.partition_key: r for r in defs.resolve_sensor_def("audit_repair_sensor")(context)}
+    assert "articles" not in requests  # the whole partition is being rebuilt already
+    assert "posts" in requests
