@@ -43,7 +43,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) DAGSTER_HOME=$$(mktemp -d) $(BIN)/dg check defs
+	home=$$(mktemp -d) && touch $$home/dagster.yaml && \
+		VIRTUAL_ENV=$(CURDIR)/$(VENV) DAGSTER_HOME=$$home $(BIN)/dg check defs
 
 # The venv's tools (hadolint, compose) first on PATH: the deployment tests call them.
 test: install lint

@@ -6,7 +6,7 @@ import argparse
 import threading
 import time
 
-from llm_twin_features.cli.common import err, prepare_dagster_home
+from llm_twin_features.cli.common import err, prepare_dagster_home, with_running_model_server
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.settings import Settings
 
@@ -23,7 +23,11 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress."""
     from llm_twin_features.runtime.local_stack import helper_model_server
 
-    # First: the model loads in a helper process while Dagster is imported here.
+    # The laptop stack's model server when it runs; else the model loads in a helper process
+    # while Dagster is imported here.
+    settings = with_running_model_server(settings)
+    if settings.embedding_service_url:
+        print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
     with helper_model_server(settings) as model_server:
         if model_server:
             print(

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from llm_twin_features.cli.common import err, feature_store_of
+from llm_twin_features.cli.common import err, feature_store_of, with_running_model_server
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.settings import Settings
 
@@ -15,13 +15,14 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
     from llm_twin_features.stores.feature_store import vector_collection
 
-    queries = [args.query] if args.query else [q.strip() for q in sys.stdin if q.strip()]
-    if not queries:
-        err("no query: give QUERY or one query per line on stdin")
-        return 2
+    settings = with_running_model_server(settings)
+    # Queries from stdin are answered as they come, each printed (and flushed) at once.
+    queries = [args.query] if args.query else (q.strip() for q in sys.stdin if q.strip())
     chosen = [args.type] if args.type else list(data_types())
+    answered = 0
     with feature_store_of(settings) as store:
         for query in queries:
+            answered += 1
             hits = []
             for data_type in chosen:
                 collection = vector_collection(data_type)
@@ -33,6 +34,10 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
                 hits += store.search(collection, vector, args.limit, args.author)
             hits.sort(key=lambda h: -h.score)
             print_hits(query, hits[: args.limit], args.json)
+            sys.stdout.flush()
+    if not answered:
+        err("no query: give QUERY or one query per line on stdin")
+        return 2
     return 0
 
 

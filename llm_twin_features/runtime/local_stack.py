@@ -123,6 +123,8 @@ class LocalStack:
             process=process,
         )
         self.env["EMBEDDING_SERVICE_URL"] = url
+        # Commands over the same data dir (`search`, `backfill`) find it and use it.
+        model_server_file(self.settings).write_text(url)
 
     def _start_daemon(self) -> None:
         grpc_port = free_port()
@@ -158,6 +160,9 @@ class LocalStack:
             return 0
 
     def stop(self, timeout: float = 30) -> None:
+        published = model_server_file(self.settings)
+        if published.exists() and published.read_text() == self.env.get("EMBEDDING_SERVICE_URL"):
+            published.unlink(missing_ok=True)
         for process in reversed(self.processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
@@ -169,6 +174,22 @@ class LocalStack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.processes.clear()
+
+
+def model_server_file(settings: Settings) -> Path:
+    """Where the laptop stack publishes its model server's URL, next to the stores it serves."""
+    return settings.resolved_data_dir / "model_server.url"
+
+
+def running_model_server(settings: Settings, timeout: float = 0.5) -> str | None:
+    """The URL of the laptop stack's model server for this data dir, if one is up with its
+    models loaded (a stale file from a killed stack answers nothing and is ignored)."""
+    try:
+        url = model_server_file(settings).read_text().strip()
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as response:
+            return url if response.status == 200 else None
+    except (OSError, ValueError):
+        return None
 
 
 @contextmanager

@@ -102,6 +102,17 @@ def test_audit_cli_reports_every_kind_of_drift_and_repairs_it(backfilled, capsys
     assert cli.main(["audit", "--type", "articles"]) == 0
 
 
+def repair_requests(defs: dg.Definitions, instance: dg.DagsterInstance, audit_run) -> dict:
+    """What `audit_repair_sensor` requests after `audit_run`, by partition."""
+    context = dg.build_run_status_sensor_context(
+        sensor_name="audit_repair_sensor",
+        dagster_instance=instance,
+        dagster_run=audit_run.dagster_run,
+        dagster_event=audit_run.get_run_success_event(),
+    )
+    return {r.partition_key: r for r in defs.resolve_sensor_def("audit_repair_sensor")(context)}
+
+
 def test_scheduled_audit_requests_scoped_repair_runs(backfilled):
     drift = make_drift()
     defs = build_definitions()
@@ -166,13 +177,7 @@ def test_repair_skips_documents_that_runs_since_the_audit_cover(backfilled):
         run_config=scoped_run_config([drift["stale"]]),
     )
     assert events_run.success
-    context = dg.build_run_status_sensor_context(
-        sensor_name="audit_repair_sensor",
-        dagster_instance=backfilled,
-        dagster_run=audit_run.dagster_run,
-        dagster_event=audit_run.get_run_success_event(),
-    )
-    requests = {r.partition_key: r for r in defs.resolve_sensor_def("audit_repair_sensor")(context)}
+    requests = repair_requests(defs, backfilled, audit_run)
     scope = requests["articles"].run_config["ops"]["raw_documents"]["config"]["document_ids"]
     assert drift["stale"] not in scope and drift["missing"] in scope
 
@@ -209,12 +214,6 @@ def test_a_materialization_launched_from_the_ui_covers_its_partition(backfilled)
         status=dg.DagsterRunStatus.STARTED,
     )
     assert ui_run.job_name != "audit_repair_job"
-    context = dg.build_run_status_sensor_context(
-        sensor_name="audit_repair_sensor",
-        dagster_instance=backfilled,
-        dagster_run=audit_run.dagster_run,
-        dagster_event=audit_run.get_run_success_event(),
-    )
-    requests = {r.partition_key: r for r in defs.resolve_sensor_def("audit_repair_sensor")(context)}
+    requests = repair_requests(defs, backfilled, audit_run)
     assert "articles" not in requests  # the whole partition is being rebuilt already
     assert "posts" in requests
