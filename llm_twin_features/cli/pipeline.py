@@ -28,12 +28,45 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
     settings = with_running_model_server(settings)
     if settings.embedding_service_url:
         print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
+    elif not _needs_model(settings, scopes):
+        print(f"{trigger}: nothing to chunk or embed; no model needed", flush=True)
+        return _run_pipeline(settings, scopes, trigger)
     with helper_model_server(settings) as model_server:
         if model_server:
             print(
                 f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
             )
         return _run_pipeline(settings, scopes, trigger)
+
+
+def _needs_model(settings: Settings, scopes: dict[str, list[str] | None]) -> bool:
+    """Whether the runs may chunk or embed anything: the audit of their scope finds drift that
+    deleting cannot repair. A backfill of unchanged (or only deleted) documents then starts no
+    model server (about 7 CPU-seconds of loading a model for nothing); on any doubt, it does."""
+    from llm_twin_features.cli.common import feature_store_of, warehouse_of
+    from llm_twin_features.pipeline.audit import audit
+    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+
+    try:
+        with warehouse_of(settings) as warehouse:
+            # Never chunked yet (a first backfill): say so before importing the feature store,
+            # so that the model starts loading at once.
+            if any(warehouse.chunk_state(t).count() == 0 for t in scopes):
+                return True
+        with warehouse_of(settings) as warehouse, feature_store_of(settings) as store:
+            return any(
+                audit(
+                    warehouse,
+                    store,
+                    data_type,
+                    EmbeddingDispatcher.embedder(data_type, settings),  # its signature only
+                    settings.max_document_chars,
+                    scope=ids,
+                ).needs_embedding
+                for data_type, ids in scopes.items()
+            )
+    except Exception:  # the runs report store failures themselves, with retries
+        return True
 
 
 def _run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:

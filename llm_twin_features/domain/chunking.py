@@ -10,7 +10,6 @@ truncated at embedding time.
 
 from __future__ import annotations
 
-from langchain_text_splitters import RecursiveCharacterTextSplitter
 from pydantic import BaseModel, Field
 
 from llm_twin_features.domain.models import content_hash
@@ -72,6 +71,9 @@ def split_on_tokens(text: str, window: TokenWindow, overlap: int) -> list[str]:
 
 
 def chunk_text(text: str, config: ChunkingConfig, window: TokenWindow) -> list[str]:
+    # Imported here: LangChain takes 0.15 s to import, which every command would pay.
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
     splitter = RecursiveCharacterTextSplitter(
         separators=config.separators,
         chunk_size=config.chunk_size,

@@ -18,8 +18,6 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from unstructured.cleaners.core import clean, replace_unicode_quotes
-
 PARAGRAPH_BREAK = "\n\n"
 
 # Mathematical sans-serif bold / italic blocks used by LinkedIn "fancy text" generators.
@@ -83,6 +81,9 @@ def tidy_spaces(text: str) -> str:
 
 def clean_text(text: str) -> str:
     """The original's chain of steps, in its order, newlines kept."""
+    # Imported here: `unstructured` takes 0.3 s to import, which every command would pay.
+    from unstructured.cleaners.core import clean, replace_unicode_quotes
+
     text = unbold(text)
     text = unitalic(text)
     text = remove_emojis_and_arrows(text)

@@ -56,6 +56,11 @@ class AuditReport:
         return not self.drift
 
     @property
+    def needs_embedding(self) -> bool:
+        """Drift that a run can only repair by chunking or embedding; orphans it deletes."""
+        return any(ids for name, ids in self.drift.items() if name != "orphans")
+
+    @property
     def drifted_ids(self) -> list[str]:
         return sorted({i for ids in self.drift.values() for i in ids})
 

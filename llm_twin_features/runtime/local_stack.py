@@ -225,9 +225,5 @@ def helper_model_server(settings: Settings) -> Iterator[str | None]:
         else:
             os.environ["EMBEDDING_SERVICE_URL"] = previous
         process.stdin.close()  # type: ignore[union-attr]
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.kill()  # it keeps nothing: no need to wait for a graceful stop (seconds)
+        process.wait()

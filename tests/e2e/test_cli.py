@@ -126,6 +126,41 @@ def test_backfill_shows_progress_and_records_runs_in_dagster_home(data_dir, tmp_
         assert run.tags["llm_twin/trigger"] == "cli-backfill"
 
 
+def test_a_backfill_with_nothing_to_embed_loads_no_model(data_dir, tmp_path):
+    """Unchanged features, or a deleted document, need no model: no helper model server."""
+    env = {**os.environ, "LLM_TWIN_DATA_DIR": str(data_dir), "DAGSTER_HOME": str(tmp_path)}
+    env.pop("EMBEDDING_SERVICE_URL", None)
+    command = [sys.executable, "-m", "llm_twin_features.cli"]
+
+    def run(*argv: str) -> str:
+        result = subprocess.run([*command, *argv], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    run("ingest", "--no-publish", str(SAMPLE_CORPUS))
+    assert "loading the embedding model meanwhile" in run("backfill", "--type", "posts")
+    again = run("backfill", "--type", "posts")
+    assert "nothing to chunk or embed; no model needed" in again
+    assert "loading the embedding model" not in again and "0 embedded" in again
+
+    post = next(
+        d
+        for d in map(json.loads, SAMPLE_CORPUS.read_text().splitlines())
+        if "platform" in d and d["type"] == "posts"
+    )
+    run("delete", "--no-publish", "--type", "posts", post["_id"])
+    deleted = run("backfill", "--type", "posts", "--ids", post["_id"])
+    assert "no model needed" in deleted
+    assert subprocess.run([*command, "audit", "--type", "posts"], env=env).returncode == 0
+
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(json.dumps({**post, "content": {"text": "A brand new paragraph."}}) + "\n")
+    run("ingest", "--no-publish", str(edited))
+    assert "loading the embedding model meanwhile" in run(
+        "backfill", "--type", "posts", "--ids", post["_id"]
+    )
+
+
 def test_asset_materialize_from_the_dagster_cli(data_dir, tmp_path):
     """The Dagster CLI's own backfill path works on the code location as well."""
     subprocess.run(
