@@ -54,11 +54,6 @@ def register(spec: DataTypeSpec) -> DataTypeSpec:
     return spec
 
 
-def unregister(name: str) -> None:
-    """Removes a data type (tests that register one of their own clean up with this)."""
-    _REGISTRY.pop(name, None)
-
-
 def data_types() -> tuple[str, ...]:
     """The registered type names, in registration order."""
     return tuple(_REGISTRY)

@@ -59,10 +59,6 @@ class MongoCollection:
     def __init__(self, collection: Any) -> None:
         self._collection = collection
 
-    @property
-    def name(self) -> str:
-        return self._collection.name
-
     def find(
         self, ids: Iterable[str] | None = None, fields: list[str] | None = None
     ) -> Iterator[dict]:
@@ -117,10 +113,6 @@ class EmbeddedCollection:
     def __init__(self, path: Path, keep_unreadable: bool) -> None:
         self._path = path
         self._keep_unreadable = keep_unreadable
-
-    @property
-    def name(self) -> str:
-        return self._path.stem
 
     @contextmanager
     def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
