@@ -10,7 +10,7 @@ A message is acked only once a run that covers it exists:
    daemon died before creating it) is requested again under the same run key.
 A crash anywhere leaves messages unacked, hence redelivered: at-least-once, and the runs
 are idempotent. A message without an event id (the original LLM Twin CDC's) gets one derived
-from its body (`events.derived_event_id`), so its redelivery is recognised in step 4 too;
+from its body (`schema.derived_event_id`), so its redelivery is recognised in step 4 too;
 two messages with the same body are one event.
 """
 
