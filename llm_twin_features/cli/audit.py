@@ -5,27 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from llm_twin_features.cli.common import err, feature_store_of, warehouse_of
+from llm_twin_features.cli.common import audits, err
 from llm_twin_features.cli.pipeline import run_pipeline
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.settings import Settings
-
-
-def audits(settings: Settings, chosen: list[str]) -> list:
-    from llm_twin_features.pipeline.audit import audit
-    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
-
-    with warehouse_of(settings) as warehouse, feature_store_of(settings) as store:
-        return [
-            audit(
-                warehouse,
-                store,
-                data_type,
-                EmbeddingDispatcher.embedder(data_type, settings),
-                settings.max_document_chars,
-            )
-            for data_type in chosen
-        ]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -50,7 +33,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             "orphans": len(r.orphans),
             "in_sync": r.in_sync,
         }
-        for r in audits(settings, list(data_types()))
+        for r in audits(settings, dict.fromkeys(data_types()))
     ]
     if args.json:
         for row in rows:
@@ -65,7 +48,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     drifted documents again, audits again, and exits 1 only if drift remains (3 if a repair
     run failed)."""
     chosen = [args.type] if args.type else list(data_types())
-    reports = audits(settings, chosen)
+    reports = audits(settings, dict.fromkeys(chosen))
     if args.json:
         for report in reports:
             print(
@@ -103,7 +86,9 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     if run_pipeline(settings, drifted, trigger="audit-repair"):
         return 3
-    remaining = {r.data_type: r.counts() for r in audits(settings, chosen) if not r.in_sync}
+    remaining = {
+        r.data_type: r.counts() for r in audits(settings, dict.fromkeys(chosen)) if not r.in_sync
+    }
     if remaining:
         err(f"drift remains after the repair: {json.dumps(remaining)}")
         return 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from llm_twin_features.settings import Settings
 
 if TYPE_CHECKING:
+    from llm_twin_features.pipeline.audit import AuditReport
     from llm_twin_features.stores.feature_store import FeatureStore
     from llm_twin_features.stores.warehouse import Warehouse
 
@@ -55,6 +56,26 @@ def feature_store_of(settings: Settings) -> Iterator[FeatureStore]:
         yield store
     finally:
         store.close()
+
+
+def audits(settings: Settings, scopes: Mapping[str, list[str] | None]) -> list[AuditReport]:
+    """The audit of each data type in `scopes`: of its documents with those ids, or of all of
+    them (None)."""
+    from llm_twin_features.pipeline.audit import audit
+    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+
+    with warehouse_of(settings) as warehouse, feature_store_of(settings) as store:
+        return [
+            audit(
+                warehouse,
+                store,
+                data_type,
+                EmbeddingDispatcher.embedder(data_type, settings),  # its signature only
+                settings.max_document_chars,
+                scope=ids,
+            )
+            for data_type, ids in scopes.items()
+        ]
 
 
 def prepare_dagster_home(settings: Settings) -> Path:

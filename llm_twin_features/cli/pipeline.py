@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections.abc import Mapping
 
-from llm_twin_features.cli.common import err, prepare_dagster_home, with_running_model_server
+from llm_twin_features.cli.common import (
+    audits,
+    err,
+    prepare_dagster_home,
+    warehouse_of,
+    with_running_model_server,
+)
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.settings import Settings
 
@@ -19,7 +26,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return run_pipeline(settings, dict.fromkeys(chosen, args.ids), trigger="cli-backfill")
 
 
-def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
+def run_pipeline(settings: Settings, scopes: Mapping[str, list[str] | None], trigger: str) -> int:
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress."""
     from llm_twin_features.runtime.local_stack import helper_model_server
 
@@ -39,37 +46,22 @@ def run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigge
         return _run_pipeline(settings, scopes, trigger)
 
 
-def _needs_model(settings: Settings, scopes: dict[str, list[str] | None]) -> bool:
+def _needs_model(settings: Settings, scopes: Mapping[str, list[str] | None]) -> bool:
     """Whether the runs may chunk or embed anything: the audit of their scope finds drift that
     deleting cannot repair. A backfill of unchanged (or only deleted) documents then starts no
     model server (about 7 CPU-seconds of loading a model for nothing); on any doubt, it does."""
-    from llm_twin_features.cli.common import feature_store_of, warehouse_of
-    from llm_twin_features.pipeline.audit import audit
-    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
-
     try:
         with warehouse_of(settings) as warehouse:
             # Never chunked yet (a first backfill): say so before importing the feature store,
             # so that the model starts loading at once.
             if any(warehouse.chunk_state(t).count() == 0 for t in scopes):
                 return True
-        with warehouse_of(settings) as warehouse, feature_store_of(settings) as store:
-            return any(
-                audit(
-                    warehouse,
-                    store,
-                    data_type,
-                    EmbeddingDispatcher.embedder(data_type, settings),  # its signature only
-                    settings.max_document_chars,
-                    scope=ids,
-                ).needs_embedding
-                for data_type, ids in scopes.items()
-            )
+        return any(report.needs_embedding for report in audits(settings, scopes))
     except Exception:  # the runs report store failures themselves, with retries
         return True
 
 
-def _run_pipeline(settings: Settings, scopes: dict[str, list[str] | None], trigger: str) -> int:
+def _run_pipeline(settings: Settings, scopes: Mapping[str, list[str] | None], trigger: str) -> int:
     home = prepare_dagster_home(settings)
     import dagster as dg
 

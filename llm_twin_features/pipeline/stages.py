@@ -288,7 +288,7 @@ def stored_chunks(
         ChunkedDocument(
             entry_id=d["_id"],
             author_keys=author_keys,
-            **{k: v for k, v in d.items() if k not in ("_id", "author_keys")},
+            **{k: v for k, v in d.items() if k != "_id"},
         )
         for d in warehouse.chunk_state(data_type).find(scope)
     ]
