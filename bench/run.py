@@ -2,8 +2,12 @@
 
 1. Backfill: a generated corpus (>= 2,000 chunks) through `llm-twin-features backfill` (a
    Dagster run per data type, in a child process so its peak memory can be read), against
-   bare `model.encode` of the very same chunk texts; then a warm re-backfill.
-2. Freshness: the laptop stack (`dagster dev` + model server, as `make run` starts it);
+   bare `model.encode` of the very same chunk texts.
+2. Small changes, as a user makes them from the command line: a backfill where nothing
+   changed (and the same forced through Dagster), one paragraph of one article edited, one
+   post deleted, each synced with `backfill --type T --ids ID`; then again on the corpus
+   grown to 4x, to show that their cost follows the change, not the corpus.
+3. Freshness: the laptop stack (`dagster dev` + model server, as `make run` starts it);
    single events, publish -> the run covering it has finished (its vectors are in Qdrant);
    then a burst of 500 insert events, publish -> every document embedded.
 
@@ -130,16 +134,6 @@ def bench_backfill(env: dict, home: Path, corpus: Path) -> dict:
     )
     model_load_seconds = float(load.stdout.strip().splitlines()[-1])
 
-    log("warm re-backfill")
-    cold_finished = max(end for _, end, _ in cold_runs)
-    started = time.perf_counter()
-    output = subprocess.run(
-        [CLI, "backfill"], env=env, check=True, capture_output=True, text=True
-    ).stdout
-    warm_wall = time.perf_counter() - started
-    warm_runs = [r for r in run_durations(home, "cli-backfill") if r[0] > cold_finished]
-    warm_run_seconds = sum(end - start for start, end, _ in warm_runs)
-    reembedded = sum(int(n) for n in re.findall(r"(\d+) embedded,", output))
     return {
         "chunks": chunks,
         "cold_run_seconds": cold_run_seconds,
@@ -154,12 +148,84 @@ def bench_backfill(env: dict, home: Path, corpus: Path) -> dict:
         "ratio": bare_seconds / cold_run_seconds,
         "model_load_seconds": model_load_seconds,
         "ratio_without_model_load": bare_seconds / (cold_run_seconds - model_load_seconds),
-        "warm_run_seconds": warm_run_seconds,
-        "warm_wall_seconds": warm_wall,
-        "warm_share_of_cold": warm_run_seconds / cold_run_seconds,
-        "warm_reembedded": reembedded,
         "backfill_peak_rss_mb": peak_rss_mb,
     }
+
+
+# --- small changes ---------------------------------------------------------------------------
+
+
+def timed(env: dict, *argv: str) -> tuple[float, str]:
+    """Wall seconds and output of one CLI command (a fresh process, as a user runs it)."""
+    started = time.perf_counter()
+    result = subprocess.run([CLI, *argv], env=env, check=True, capture_output=True, text=True)
+    return time.perf_counter() - started, result.stdout + result.stderr
+
+
+def edit_one_article(env: dict, number: int) -> tuple[str, int]:
+    """Rewrites one paragraph of one article in the warehouse (as a crawler would)."""
+    from llm_twin_features.stores.warehouse import open_warehouse
+
+    warehouse = open_warehouse(None, "twin", "twin_features", Path(env["LLM_TWIN_DATA_DIR"]))
+    articles = warehouse.documents("articles")
+    entry_id = sorted(articles.ids())[number]
+    document = articles.get(entry_id)
+    paragraphs = document["content"]["Content"].split("\n\n")
+    paragraphs[len(paragraphs) // 2] = f"An edited paragraph, revision {uuid.uuid4().hex}."
+    document["content"]["Content"] = "\n\n".join(paragraphs)
+    articles.replace_many([document])
+    warehouse.close()
+    return entry_id, len(paragraphs)
+
+
+def bench_small_changes(env: dict, rounds: int = 3) -> dict:
+    """Medians over `rounds` of each small change, synced from the command line."""
+    no_change, forced, edits, edit_runs, deletes = [], [], [], [], []
+    for number in range(rounds):
+        seconds, output = timed(env, "backfill")
+        assert "unchanged since run" in output and "done in" not in output, output[-2000:]
+        no_change.append(seconds)
+        forced.append(timed(env, "backfill", "--force")[0])
+
+        entry_id, _ = edit_one_article(env, number)
+        seconds, output = timed(env, "backfill", "--type", "articles", "--ids", entry_id)
+        assert re.search(r"\b[12] embedded", output), output[-2000:]
+        edits.append(seconds)
+        edit_runs.append(float(re.findall(r"done in ([\d.]+) s", output)[-1]))
+
+        from llm_twin_features.stores.warehouse import open_warehouse
+
+        warehouse = open_warehouse(None, "twin", "twin_features", Path(env["LLM_TWIN_DATA_DIR"]))
+        post_id = sorted(warehouse.documents("posts").ids())[number]
+        warehouse.close()
+        subprocess.run(
+            [CLI, "delete", "--no-publish", "--type", "posts", post_id],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        deletes.append(timed(env, "backfill", "--type", "posts", "--ids", post_id)[0])
+        timed(env, "backfill")  # the next round starts from a recorded complete sync
+    median = lambda values: percentile(values, 0.5)  # noqa: E731
+    return {
+        "no_change_backfill_seconds": median(no_change),
+        "forced_no_change_backfill_seconds": median(forced),
+        "edit_one_article_seconds": median(edits),
+        "edit_one_article_run_seconds": median(edit_runs),
+        "delete_one_post_seconds": median(deletes),
+    }
+
+
+def grow_corpus(env: dict, factor: int) -> int:
+    """Adds (factor - 1) corpora of the bench's mix (new documents) and backfills them."""
+    extra = generate(150 * (factor - 1), 120 * (factor - 1), 30 * (factor - 1), seed=8)
+    path = write_jsonl(WORK / f"corpus_x{factor}.jsonl", extra)
+    subprocess.run(
+        [CLI, "ingest", "--no-publish", str(path)], env=env, check=True, capture_output=True
+    )
+    log(f"backfill of the corpus grown to {factor}x")
+    subprocess.run([CLI, "backfill"], env=env, check=True, capture_output=True)
+    return len(extra)
 
 
 # --- freshness -------------------------------------------------------------------------------
@@ -168,6 +234,8 @@ def bench_backfill(env: dict, home: Path, corpus: Path) -> dict:
 def covered_by(instance, entry_ids: set[str], after: float, timeout: float) -> dict[str, object]:
     """The first successful event run created after `after` that covers each id (its record)."""
     import dagster as dg
+
+    from llm_twin_features.defs.assets import run_scope
 
     found: dict[str, object] = {}
     deadline = time.monotonic() + timeout
@@ -180,10 +248,7 @@ def covered_by(instance, entry_ids: set[str], after: float, timeout: float) -> d
             )
         )
         for record in records:
-            ops = record.dagster_run.run_config.get("ops", {})
-            for entry_id in (
-                ops.get("embedded_chunks", {}).get("config", {}).get("document_ids", [])
-            ):
+            for entry_id in run_scope(record.dagster_run.run_config) or []:
                 if entry_id in entry_ids and (
                     entry_id not in found or record.end_time < found[entry_id].end_time
                 ):
@@ -307,6 +372,9 @@ def main() -> None:
     parser.add_argument("--singles", type=int, default=20)
     parser.add_argument("--burst", type=int, default=500, help="0: no burst")
     parser.add_argument("--skip-freshness", action="store_true")
+    parser.add_argument(
+        "--no-scale", dest="scale", action="store_false", help="skip the 4x-corpus small changes"
+    )
     args = parser.parse_args()
 
     import shutil
@@ -330,6 +398,18 @@ def main() -> None:
 
     results = {"backfill": bench_backfill(env, home, corpus)}
     log(json.dumps(results["backfill"], indent=1))
+    log("small changes on the bench corpus")
+    small = bench_small_changes(env)
+    cold = results["backfill"]["cold_wall_seconds"]
+    small["no_change_share_of_cold"] = small["no_change_backfill_seconds"] / cold
+    if args.scale:
+        grow_corpus(env, 4)
+        log("small changes on the corpus grown to 4x")
+        grown = bench_small_changes(env)
+        small["x4"] = grown
+        small["x4_ratios"] = {k: grown[k] / small[k] for k in grown if k in small}
+    results["small_changes"] = small
+    log(json.dumps(small, indent=1))
     if not args.skip_freshness:
         results["events"] = bench_freshness(env, home, args.singles, args.burst)
         if args.burst:

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     backfill = commands.add_parser("backfill", help="rebuild features for data types via Dagster")
     backfill.add_argument("--type", choices=data_types())
     backfill.add_argument("--ids", nargs="+", metavar="ID", help="only these documents (--type)")
+    backfill.add_argument(
+        "--force",
+        action="store_true",
+        help="run even for data types unchanged since their last complete sync",
+    )
     backfill.set_defaults(handler=cmd_backfill)
 
     audit = commands.add_parser(

@@ -23,11 +23,60 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         err("error: --ids needs --type")
         return 2
     chosen = [args.type] if args.type else list(data_types())
-    return run_pipeline(settings, dict.fromkeys(chosen, args.ids), trigger="cli-backfill")
+    if not args.ids and not args.force:
+        chosen = _changed_since_last_sync(settings, chosen)
+        if not chosen:
+            return 0
+    return run_pipeline(
+        settings, dict.fromkeys(chosen, args.ids), trigger="cli-backfill", force=args.force
+    )
 
 
-def run_pipeline(settings: Settings, scopes: Mapping[str, list[str] | None], trigger: str) -> int:
-    """One run of the pipeline job per data type (scoped to ids, or whole), with progress."""
+def _changed_since_last_sync(settings: Settings, chosen: list[str]) -> list[str]:
+    """The data types whose warehouse documents, configuration or feature store changed since
+    their last complete sync (`pipeline/ledger.py`); the others are reported and skipped,
+    after one read of the warehouse: no Dagster, feature store or model."""
+    from llm_twin_features.pipeline import ledger
+    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+    from llm_twin_features.stores.feature_store_state import state_token
+
+    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+
+    def store_token(collections) -> str | None:
+        return state_token(settings.qdrant_url, api_key, settings.resolved_data_dir, collections)
+
+    changed = []
+    try:
+        with warehouse_of(settings) as warehouse:
+            for data_type in chosen:
+                embedder = EmbeddingDispatcher.embedder(data_type, settings)  # signature only
+                inputs = ledger.current_inputs(
+                    warehouse, data_type, embedder, settings.max_document_chars, store_token
+                )
+                mark = ledger.matching_mark(warehouse, data_type, inputs)
+                if mark is None:
+                    changed.append(data_type)
+                    continue
+                counts = mark.get("counts", {})
+                print(
+                    f"{data_type}: unchanged since run {mark['run_id']} ({mark['at']}): "
+                    f"{counts.get('documents', 0)} documents, {counts.get('chunks', 0)} chunks "
+                    "in sync; skipped (--force runs it anyway)",
+                    flush=True,
+                )
+    except Exception:  # the runs report store failures themselves, with retries
+        return chosen
+    return changed
+
+
+def run_pipeline(
+    settings: Settings,
+    scopes: Mapping[str, list[str] | None],
+    trigger: str,
+    force: bool = False,
+) -> int:
+    """One run of the pipeline job per data type (scoped to ids, or whole), with progress;
+    `force`: whole partitions run their stages even when unchanged since their last sync."""
     from llm_twin_features.runtime.local_stack import helper_model_server
 
     # The laptop stack's model server when it runs; else the model loads in a helper process
@@ -37,36 +86,72 @@ def run_pipeline(settings: Settings, scopes: Mapping[str, list[str] | None], tri
         print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
     elif not _needs_model(settings, scopes):
         print(f"{trigger}: nothing to chunk or embed; no model needed", flush=True)
-        return _run_pipeline(settings, scopes, trigger)
+        return _run_pipeline(settings, scopes, trigger, force)
     with helper_model_server(settings) as model_server:
         if model_server:
             print(
                 f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
             )
-        return _run_pipeline(settings, scopes, trigger)
+        return _run_pipeline(settings, scopes, trigger, force)
 
 
 def _needs_model(settings: Settings, scopes: Mapping[str, list[str] | None]) -> bool:
-    """Whether the runs may chunk or embed anything: the audit of their scope finds drift that
-    deleting cannot repair. A backfill of unchanged (or only deleted) documents then starts no
-    model server (about 7 CPU-seconds of loading a model for nothing); on any doubt, it does."""
+    """Whether the runs may chunk or embed anything. A backfill of unchanged (or only deleted)
+    documents then starts no model server (about 7 CPU-seconds of loading a model for
+    nothing); on any doubt, it does. Runs that find work anyway load the model themselves."""
     try:
         with warehouse_of(settings) as warehouse:
             # Never chunked yet (a first backfill): say so before importing the feature store,
             # so that the model starts loading at once.
             if any(warehouse.chunk_state(t).count() == 0 for t in scopes):
                 return True
+            if all(ids is not None for ids in scopes.values()):
+                # Chosen documents: their stage state tells, without the feature store.
+                return any(
+                    _documents_changed(warehouse, t, ids or [], settings)
+                    for t, ids in scopes.items()
+                )
+        # Whole partitions: the audit finds drift that deleting cannot repair.
         return any(report.needs_embedding for report in audits(settings, scopes))
     except Exception:  # the runs report store failures themselves, with retries
         return True
 
 
-def _run_pipeline(settings: Settings, scopes: Mapping[str, list[str] | None], trigger: str) -> int:
+def _documents_changed(warehouse, data_type: str, ids: list[str], settings: Settings) -> bool:
+    """Whether any of these documents is in the warehouse with content (or a chunker) that
+    its stage state has not seen; deleted and invalid ones need no model."""
+    from pydantic import ValidationError
+
+    from llm_twin_features.domain.dispatchers import ChunkingDispatcher
+    from llm_twin_features.domain.validation import admit
+    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+
+    embedder = EmbeddingDispatcher.embedder(data_type, settings)  # its signature only
+    chunker = ChunkingDispatcher.signature(data_type, embedder)
+    seen = {d["_id"]: d.get("content_hash") for d in warehouse.raw_state(data_type).find(ids)}
+    chunked = {
+        d["_id"]: d.get("chunker")
+        for d in warehouse.chunk_state(data_type).find(ids, fields=["chunker"])
+    }
+    for document in warehouse.documents(data_type).find(ids):
+        entry_id = str(document["_id"])
+        try:
+            fingerprint = admit(data_type, document, settings.max_document_chars).fingerprint()
+        except (ValidationError, ValueError):
+            continue  # quarantined by the run
+        if seen.get(entry_id) != fingerprint or chunked.get(entry_id) != chunker:
+            return True
+    return False
+
+
+def _run_pipeline(
+    settings: Settings, scopes: Mapping[str, list[str] | None], trigger: str, force: bool
+) -> int:
     home = prepare_dagster_home(settings)
     import dagster as dg
 
     from llm_twin_features.definitions import build_definitions
-    from llm_twin_features.defs.assets import FEATURE_STORE_POOL, feature_assets
+    from llm_twin_features.defs.assets import FEATURE_STORE_POOL, scoped_run_config
     from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
     from llm_twin_features.runtime.dead_runs import release_dead_runs
 
@@ -96,9 +181,8 @@ def _run_pipeline(settings: Settings, scopes: Mapping[str, list[str] | None], tr
                 flush=True,
             )
             run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-            if ids is not None:
-                scope = {"config": {"document_ids": ids}}
-                run_config["ops"] = {asset.key.path[-1]: scope for asset in feature_assets}
+            if ids is not None or force:
+                run_config["ops"] = scoped_run_config(ids, force).to_config_dict()["ops"]
             started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,

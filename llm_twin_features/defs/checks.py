@@ -10,7 +10,7 @@ that failed for good, is healed within one audit period.
 import dagster as dg
 from pydantic import Field
 
-from llm_twin_features.defs.assets import FEATURE_STORE_POOL, STORE_RETRY, embedded_chunks
+from llm_twin_features.defs.assets import EMBEDDED, FEATURE_STORE_POOL, STORE_RETRY
 from llm_twin_features.defs.resources import (
     EmbeddingResource,
     FeatureStoreResource,
@@ -33,7 +33,7 @@ class AuditConfig(dg.Config):
 
 
 @dg.asset_check(
-    asset=embedded_chunks,
+    asset=EMBEDDED,
     name=WAREHOUSE_AUDIT,
     description="Every data type: documents missing from the feature store, stale content, "
     "orphan points, chunks without vectors, vectors built by another model.",

@@ -15,9 +15,9 @@ AUDIT_REPAIR_JOB = "audit_repair_job"
 PIPELINE_JOBS = frozenset({FEATURE_PIPELINE_JOB, WAREHOUSE_EVENTS_JOB, AUDIT_REPAIR_JOB})
 
 # The four stages without the audit check (which covers every type, not one partition).
-PIPELINE_SELECTION = dg.AssetSelection.assets(*assets.feature_assets) - dg.AssetSelection.checks(
-    checks.warehouse_audit
-)
+PIPELINE_SELECTION = dg.AssetSelection.assets(
+    *assets.FEATURE_ASSET_KEYS
+) - dg.AssetSelection.checks(checks.warehouse_audit)
 
 feature_pipeline_job = dg.define_asset_job(
     FEATURE_PIPELINE_JOB,

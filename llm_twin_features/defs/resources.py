@@ -8,7 +8,7 @@ is written once.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from pydantic import Field
 from llm_twin_features.runtime.dead_runs import owner_tags
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import FeatureStore, open_feature_store
+from llm_twin_features.stores.feature_store_state import state_token
 from llm_twin_features.stores.queue import BrokerConfig
 from llm_twin_features.stores.warehouse import Warehouse, open_warehouse
 
@@ -83,6 +84,12 @@ class FeatureStoreResource(dg.ConfigurableResource):
             yield store
         finally:
             store.close()
+
+    def state_token(self, collections: Iterable[str]) -> str | None:
+        """Changes whenever the collections are written (read without opening the store)."""
+        return state_token(
+            self.qdrant_url or None, self.qdrant_api_key or None, Path(self.data_dir), collections
+        )
 
 
 class EmbeddingResource(dg.ConfigurableResource):

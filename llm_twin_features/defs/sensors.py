@@ -1,13 +1,12 @@
 """Sensors: RabbitMQ change events -> scoped runs; audit findings -> scoped repair runs."""
 
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import cast
 
 import dagster as dg
 
-from llm_twin_features.defs.assets import FEATURE_STORE_POOL, scoped_run_config
+from llm_twin_features.defs.assets import FEATURE_STORE_POOL, RAW, run_scope, scoped_run_config
 from llm_twin_features.defs.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT
 from llm_twin_features.defs.jobs import (
     PIPELINE_JOBS,
@@ -106,7 +105,6 @@ def build_sensor(settings: Settings) -> dg.SensorDefinition:
     return warehouse_events_sensor
 
 
-RAW_DOCUMENTS = dg.AssetKey("raw_documents")
 ALL_DOCUMENTS = frozenset({"*"})  # a whole-partition run covers every document
 IN_FLIGHT = [
     dg.DagsterRunStatus.NOT_STARTED,
@@ -130,11 +128,10 @@ def _covered_since(instance: dg.DagsterInstance, since: float) -> dict[str, froz
     for record in records:
         run = record.dagster_run
         data_type = run.tags.get("dagster/partition")
-        ui_materialization = RAW_DOCUMENTS in (run.asset_selection or ())
+        ui_materialization = RAW in (run.asset_selection or ())
         if data_type is None or not (run.job_name in PIPELINE_JOBS or ui_materialization):
             continue
-        ops = cast("Mapping[str, Any]", (run.run_config or {}).get("ops", {}))
-        ids = ops.get("raw_documents", {}).get("config", {}).get("document_ids")
+        ids = run_scope(run.run_config)
         if ids is None:
             covered[data_type] = ALL_DOCUMENTS
         elif covered.get(data_type) is not ALL_DOCUMENTS:

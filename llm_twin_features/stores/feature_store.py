@@ -20,6 +20,10 @@ from typing import Any
 
 from qdrant_client import QdrantClient, models
 
+from llm_twin_features.stores.feature_store_state import cleaned_collection, vector_collection
+
+__all__ = ["FeatureStore", "Point", "cleaned_collection", "open_feature_store", "vector_collection"]
+
 SCROLL_PAGE = 1024
 UPSERT_BATCH = 256
 # Filtered keys: ours, and `owner_id`, the course retriever's author key for repositories.
@@ -28,14 +32,6 @@ KEYWORD_INDEXES = ("document_id", "author_id", "owner_id")
 
 class FeatureStoreUnavailable(RuntimeError):
     """The feature store could not be opened or reached; nothing was written."""
-
-
-def cleaned_collection(data_type: str) -> str:
-    return f"cleaned_{data_type}"
-
-
-def vector_collection(data_type: str) -> str:
-    return f"vector_{data_type}"
 
 
 def _documents_filter(document_ids: Iterable[str] | None) -> models.Filter | None:

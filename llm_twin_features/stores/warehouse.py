@@ -9,6 +9,7 @@ warehouse.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,7 @@ from llm_twin_features.domain.data_types import spec_of
 from llm_twin_features.domain.validation import UnreadableDocument
 
 QUARANTINE = "quarantine"
+SYNC_MARKS = "sync_marks"
 
 
 class WarehouseUnavailable(RuntimeError):
@@ -74,6 +76,23 @@ class MongoCollection:
 
     def count(self) -> int:
         return self._collection.count_documents({})
+
+    def digest(self) -> str:
+        """A digest of every document as stored (BSON bytes, in id order): equal digests,
+        equal collections. One pass over the collection, no decoding."""
+        from bson.raw_bson import RawBSONDocument
+        from pymongo import ASCENDING
+
+        raw = self._collection.with_options(
+            codec_options=self._collection.codec_options.with_options(
+                document_class=RawBSONDocument
+            )
+        )
+        digest = hashlib.blake2b(digest_size=16)
+        for document in raw.find({}).sort("_id", ASCENDING):
+            digest.update(len(document.raw).to_bytes(8, "big"))
+            digest.update(document.raw)
+        return digest.hexdigest()
 
     def replace_many(self, documents: list[dict]) -> None:
         documents = list({d["_id"]: d for d in documents}.values())  # last write of an id wins
@@ -199,6 +218,19 @@ class EmbeddedCollection:
                 return 0
             return connection.execute("SELECT count(*) FROM documents").fetchone()[0]
 
+    def digest(self) -> str:
+        """A digest of every row as stored (key and JSON text, in key order): equal digests,
+        equal collections. One pass over the file, no JSON decoding."""
+        digest = hashlib.blake2b(digest_size=16)
+        with self._connection() as connection:
+            if self._table_exists(connection):
+                for key, value in connection.execute("SELECT k, v FROM documents ORDER BY k"):
+                    for part in (key, value):
+                        data = part if isinstance(part, bytes) else str(part).encode()
+                        digest.update(len(data).to_bytes(8, "big"))
+                        digest.update(data)
+        return digest.hexdigest()
+
     def replace_many(self, documents: list[dict]) -> None:
         rows = {}
         for document in documents:  # encoded before the transaction: a bad one writes nothing
@@ -280,6 +312,10 @@ class Warehouse:
 
     def quarantine(self) -> Collection:
         return self._collection(self.features_database, QUARANTINE, False)
+
+    def sync_marks(self) -> Collection:
+        """One record per data type: what its last complete whole-partition sync saw."""
+        return self._collection(self.features_database, SYNC_MARKS, False)
 
     def quarantined(self, data_type: str) -> list[dict]:
         return [q for q in self.quarantine().find() if q.get("data_type") == data_type]

@@ -31,6 +31,7 @@ import pytest
 from qdrant_client import QdrantClient, models
 
 from llm_twin_features import cli
+from llm_twin_features.defs.assets import run_scope
 from llm_twin_features.defs.jobs import WAREHOUSE_EVENTS_JOB
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.events.schema import ChangeEvent
@@ -233,7 +234,7 @@ def test_original_cdc_events_after_our_sensor_declared_the_queue(sensor, broker,
     first = sensor.tick()
     assert sorted(r.partition_key for r in first.run_requests) == sorted(data_types())
     for request in first.run_requests:
-        (entry_id,) = request.run_config["ops"]["raw_documents"]["config"]["document_ids"]
+        (entry_id,) = run_scope(request.run_config)
         assert entry_id == dict(documents)[request.partition_key]["_id"]
     # The messages are redelivered while the runs do not exist yet: the same runs, no new one.
     again = sensor.tick()

@@ -33,9 +33,9 @@ from llm_twin_features.cli.common import REPO_DAGSTER_YAML, warehouse_of
 from llm_twin_features.definitions import build_definitions
 from llm_twin_features.defs.assets import (
     STORE_RETRY,
-    feature_assets,
-    raw_documents,
+    SYNC_OP,
     scoped_run_config,
+    sync_features,
 )
 from llm_twin_features.defs.jobs import (
     FEATURE_PIPELINE_JOB,
@@ -421,15 +421,14 @@ def test_unreachable_warehouse_fails_the_run_with_a_clear_message_after_its_retr
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Fault: MONGO_URI points at a port where nothing listens. Must hold: every asset carries
-    STORE_RETRY; the raw step fails with "warehouse unreachable", is retried, and the run
+    STORE_RETRY; the stages' step fails with "warehouse unreachable", is retried, and the run
     fails (nothing downstream runs, nothing is written); the CLI says the same in one line.
     The retry delay is shortened for the test (pymongo waits 5 s per attempt)."""
-    for asset in feature_assets:
-        assert asset.op.retry_policy == STORE_RETRY
+    assert sync_features.op.retry_policy == STORE_RETRY
     assert (STORE_RETRY.max_retries, STORE_RETRY.delay) == (3, 2)
     assert STORE_RETRY.backoff == dg.Backoff.EXPONENTIAL
     monkeypatch.setenv("MONGO_URI", "mongodb://127.0.0.1:1/")
-    monkeypatch.setattr(raw_documents.op, "_retry_policy", dg.RetryPolicy(max_retries=1, delay=0))
+    monkeypatch.setattr(sync_features.op, "_retry_policy", dg.RetryPolicy(max_retries=1, delay=0))
 
     started = time.monotonic()
     with dg.instance_for_test() as instance:
@@ -438,8 +437,8 @@ def test_unreachable_warehouse_fails_the_run_with_a_clear_message_after_its_retr
         )
     seconds = time.monotonic() - started
     assert not result.success
-    retried = run_errors(result, dg.DagsterEventType.STEP_UP_FOR_RETRY, "raw_documents")
-    failed = run_errors(result, dg.DagsterEventType.STEP_FAILURE, "raw_documents")
+    retried = run_errors(result, dg.DagsterEventType.STEP_UP_FOR_RETRY, SYNC_OP)
+    failed = run_errors(result, dg.DagsterEventType.STEP_FAILURE, SYNC_OP)
     assert len(retried) == 1 and len(failed) == 1
     for error in retried + failed:
         assert "WarehouseUnavailable: warehouse unreachable: 127.0.0.1:1" in error

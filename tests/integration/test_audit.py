@@ -11,7 +11,7 @@ import pytest
 from llm_twin_features import cli
 from llm_twin_features.cli.common import feature_store_of, warehouse_of
 from llm_twin_features.definitions import build_definitions
-from llm_twin_features.defs.assets import feature_assets, scoped_run_config
+from llm_twin_features.defs.assets import FEATURE_ASSET_KEYS, run_scope, scoped_run_config
 from llm_twin_features.defs.checks import REPAIR_IDS_KEY, WAREHOUSE_AUDIT
 from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
 from llm_twin_features.domain.models import chunk_point_id, document_point_id
@@ -137,7 +137,7 @@ def test_scheduled_audit_requests_scoped_repair_runs(backfilled):
     requests = {r.partition_key: r for r in sensor(context)}
     articles = requests["articles"]
     assert articles.run_key == f"repair-{audit_run.run_id}-articles"
-    scope = articles.run_config["ops"]["embedded_chunks"]["config"]["document_ids"]
+    scope = run_scope(articles.run_config)
     assert set(scope) == set(repair_ids["articles"])
 
     job = defs.resolve_job_def("audit_repair_job")
@@ -178,7 +178,7 @@ def test_repair_skips_documents_that_runs_since_the_audit_cover(backfilled):
     )
     assert events_run.success
     requests = repair_requests(defs, backfilled, audit_run)
-    scope = requests["articles"].run_config["ops"]["raw_documents"]["config"]["document_ids"]
+    scope = run_scope(requests["articles"].run_config)
     assert drift["stale"] not in scope and drift["missing"] in scope
 
 
@@ -209,7 +209,7 @@ def test_a_materialization_launched_from_the_ui_covers_its_partition(backfilled)
     audit_run = defs.resolve_job_def("audit_job").execute_in_process(instance=backfilled)
     ui_run = backfilled.create_run_for_job(
         job_def=defs.resolve_implicit_global_asset_job_def(),
-        asset_selection=frozenset(asset.key for asset in feature_assets),
+        asset_selection=frozenset(FEATURE_ASSET_KEYS),
         tags={"dagster/partition": "articles"},
         status=dg.DagsterRunStatus.STARTED,
     )

@@ -12,6 +12,7 @@ import pytest
 
 from llm_twin_features import cli
 from llm_twin_features.definitions import build_definitions
+from llm_twin_features.defs.assets import run_scope
 from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB, WAREHOUSE_EVENTS_JOB
 from llm_twin_features.defs.resources import EventBrokerResource
 from llm_twin_features.stores.queue import POISON_REASON_HEADER, EventInbox, EventPublisher
@@ -96,8 +97,8 @@ def edit_posts(suffix: str) -> None:
     assert cli.main(["ingest", handle.name]) == 0
 
 
-def scope(request: dg.RunRequest, asset: str) -> list[str]:
-    return request.run_config["ops"][asset]["config"]["document_ids"]
+def scope(request: dg.RunRequest) -> list[str]:
+    return run_scope(request.run_config)
 
 
 def status() -> dict[str, dict]:
@@ -129,8 +130,8 @@ def test_events_become_scoped_run_requests_and_are_acked_after_the_runs(harness)
     first = harness.tick()
     requests = {r.partition_key: r for r in first.run_requests}
     assert set(requests) == {"posts", "articles"}
-    assert sorted(scope(requests["posts"], "raw_documents")) == sorted(POST_IDS)
-    assert scope(requests["articles"], "embedded_chunks") == [article]
+    assert sorted(scope(requests["posts"])) == sorted(POST_IDS)
+    assert scope(requests["articles"]) == [article]
     assert requests["posts"].tags["llm_twin/events"] == "2"
     assert requests["posts"].run_key.startswith("events-posts-")
     assert "llm_twin/oldest_event" in requests["posts"].tags
