@@ -1,6 +1,7 @@
 # `make run`: install, load the sample corpus, backfill, show status and a search, start the UI.
 # `make test`: lint and the test suite (real RabbitMQ/PostgreSQL, embedded montydb/qdrant).
 # `make bench`: the benchmarks of BENCHMARKS.md.
+# `make eval`: retrieval quality (recall@5, MRR) on eval/corpus.jsonl, ours against a naive pipeline.
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -11,7 +12,7 @@ export LLM_TWIN_DATA_DIR ?= $(CURDIR)/.data
 export DAGSTER_HOME ?= $(LLM_TWIN_DATA_DIR)/dagster_home
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint bench ui clean
+.PHONY: install run test lint bench eval ui clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,5 +54,8 @@ test: install lint
 bench: install
 	$(BIN)/python bench/run.py
 
+eval: install
+	$(BIN)/python eval/run.py --naive
+
 clean:
-	rm -rf .data bench/.work
+	rm -rf .data bench/.work eval/.work

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--type", choices=data_types())
     backfill.add_argument("--ids", nargs="+", metavar="ID", help="only these documents (--type)")
     backfill.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="split each data type's backfill into N runs over stable shards of its documents",
+    )
+    backfill.add_argument("--shard", metavar="I/N", help="run shard I (0-based) of N only")
+    backfill.add_argument(
         "--force",
         action="store_true",
         help="run even for data types unchanged since their last complete sync",
@@ -63,12 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--repair", action="store_true", help="run the drifted documents again")
     audit.set_defaults(handler=cmd_audit)
 
-    search = commands.add_parser("search", help="semantic search over embedded chunks")
+    search = commands.add_parser("search", help="hybrid or semantic search over embedded chunks")
     search.add_argument("query", nargs="?", help="the query; omitted: one query per stdin line")
     search.add_argument("--type", choices=data_types(), help="search one data type only")
     search.add_argument("--limit", type=int, default=5)
     search.add_argument("--author", help="only chunks by this author id")
     search.add_argument("--json", action="store_true", help="one JSON object per result")
+    search.add_argument(
+        "--mode",
+        choices=("hybrid", "dense"),
+        default="hybrid",
+        help="hybrid (default): dense and BM25 keyword matches fused by rank; dense: the "
+        "embedding alone, as the course's retriever searches",
+    )
     search.set_defaults(handler=cmd_search)
 
     serve_models = commands.add_parser(

@@ -19,8 +19,20 @@ from llm_twin_features.settings import Settings
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from llm_twin_features.domain.shards import Shard
+
     if args.ids and not args.type:
         err("error: --ids needs --type")
+        return 2
+    if args.ids and (args.shards or args.shard):
+        err("error: --ids and --shards/--shard exclude each other")
+        return 2
+    try:
+        if args.shards is not None and args.shards < 1:
+            raise ValueError(f"--shards takes a number of shards, at least 1, not {args.shards}")
+        shards = [Shard.parse(args.shard)] if args.shard else Shard.all_of(args.shards or 1)
+    except ValueError as error:
+        err(f"error: {error}")
         return 2
     chosen = [args.type] if args.type else list(data_types())
     if not args.ids and not args.force:
@@ -28,7 +40,11 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         if not chosen:
             return 0
     return run_pipeline(
-        settings, dict.fromkeys(chosen, args.ids), trigger="cli-backfill", force=args.force
+        settings,
+        dict.fromkeys(chosen, args.ids),
+        trigger="cli-backfill",
+        force=args.force,
+        shards=[str(s) for s in shards] if len(shards) > 1 or args.shard else None,
     )
 
 
@@ -74,9 +90,11 @@ def run_pipeline(
     scopes: Mapping[str, list[str] | None],
     trigger: str,
     force: bool = False,
+    shards: list[str] | None = None,
 ) -> int:
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress;
-    `force`: whole partitions run their stages even when unchanged since their last sync."""
+    `force`: whole partitions run their stages even when unchanged since their last sync;
+    `shards` ("I/N"): one run per shard of each whole partition instead."""
     from llm_twin_features.runtime.local_stack import helper_model_server
 
     # The laptop stack's model server when it runs; else the model loads in a helper process
@@ -86,13 +104,13 @@ def run_pipeline(
         print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
     elif not _needs_model(settings, scopes):
         print(f"{trigger}: nothing to chunk or embed; no model needed", flush=True)
-        return _run_pipeline(settings, scopes, trigger, force)
+        return _run_pipeline(settings, scopes, trigger, force, shards)
     with helper_model_server(settings) as model_server:
         if model_server:
             print(
                 f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
             )
-        return _run_pipeline(settings, scopes, trigger, force)
+        return _run_pipeline(settings, scopes, trigger, force, shards)
 
 
 def _needs_model(settings: Settings, scopes: Mapping[str, list[str] | None]) -> bool:
@@ -145,7 +163,11 @@ def _documents_changed(warehouse, data_type: str, ids: list[str], settings: Sett
 
 
 def _run_pipeline(
-    settings: Settings, scopes: Mapping[str, list[str] | None], trigger: str, force: bool
+    settings: Settings,
+    scopes: Mapping[str, list[str] | None],
+    trigger: str,
+    force: bool,
+    shards: list[str] | None,
 ) -> int:
     home = prepare_dagster_home(settings)
     import dagster as dg
@@ -157,7 +179,12 @@ def _run_pipeline(
 
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
     failed = []
-    total = len(scopes)
+    runs = [
+        (data_type, ids, shard)
+        for data_type, ids in scopes.items()
+        for shard in (shards if shards and ids is None else [None])
+    ]
+    total = len(runs)
     stop_reaper = threading.Event()
 
     def reap() -> None:
@@ -174,33 +201,40 @@ def _run_pipeline(
         # Started once the instance (and its tables) exist: the reaper opens its own.
         threading.Thread(target=reap, daemon=True, name="dead-run-reaper").start()
         print(f"{trigger}: {', '.join(scopes)} through the Dagster instance at {home}")
-        for number, (data_type, ids) in enumerate(scopes.items(), start=1):
+        for number, (data_type, ids, shard) in enumerate(runs, start=1):
             what = "whole partition" if ids is None else f"{len(ids)} documents"
+            if shard:
+                what = f"shard {shard}"
+                data_type_label = f"{data_type} shard {shard}"
+            else:
+                data_type_label = data_type
             print(
-                f"[{number}/{total}] {data_type}: running {FEATURE_PIPELINE_JOB} ({what})",
+                f"[{number}/{total}] {data_type_label}: running {FEATURE_PIPELINE_JOB} ({what})",
                 flush=True,
             )
             run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-            if ids is not None or force:
-                run_config["ops"] = scoped_run_config(ids, force).to_config_dict()["ops"]
+            if ids is not None or force or shard:
+                scope = scoped_run_config(ids, force, shard)
+                run_config["ops"] = scope.to_config_dict()["ops"]
             started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=data_type,
-                tags={"llm_twin/trigger": trigger},
+                tags={"llm_twin/trigger": trigger, **({"llm_twin/shard": shard} if shard else {})},
                 run_config=run_config,
                 raise_on_error=False,
             )
             seconds = time.perf_counter() - started
             if not result.success:
-                failed.append(data_type)
-                err(f"[{number}/{total}] {data_type}: FAILED (run {result.run_id})")
+                failed.append(data_type_label)
+                err(f"[{number}/{total}] {data_type_label}: FAILED (run {result.run_id})")
                 continue
             summary = _materialization_summary(result)
-            print(f"[{number}/{total}] {data_type}: done in {seconds:.1f} s: {summary}")
+            print(f"[{number}/{total}] {data_type_label}: done in {seconds:.1f} s: {summary}")
     stop_reaper.set()
     if failed:
-        err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI")
+        rerun = " (a failed shard alone: --type T --shard I/N)" if shards else ""
+        err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI{rerun}")
         return 1
     return 0
 

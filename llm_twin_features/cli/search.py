@@ -12,28 +12,25 @@ from llm_twin_features.settings import Settings
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
-    from llm_twin_features.stores.feature_store import vector_collection
-
     settings = with_running_model_server(settings)
+    chosen = [args.type] if args.type else list(data_types())
+    # One query while the laptop stack runs: its model server answers it, with the models
+    # loaded and qdrant-client imported (a second less than importing it here).
+    if args.query and settings.embedding_service_url and _search_through_server(args, settings):
+        return 0
+
+    from llm_twin_features.pipeline.retrieval import Searcher
+
     # Queries from stdin are answered as they come, each printed (and flushed) at once.
     queries = [args.query] if args.query else (q.strip() for q in sys.stdin if q.strip())
-    chosen = [args.type] if args.type else list(data_types())
     answered = 0
     with feature_store_of(settings) as store:
+        searcher = Searcher(store, chosen, settings, args.mode)
+        if searcher.mode != args.mode:
+            err(MIXED_COLLECTIONS)
         for query in queries:
             answered += 1
-            hits = []
-            for data_type in chosen:
-                collection = vector_collection(data_type)
-                if not store.exists(collection):
-                    continue
-                embedder = EmbeddingDispatcher.embedder(data_type, settings)
-                instruction = EmbeddingDispatcher.query_instruction(data_type, settings)
-                vector = embedder.embed([query], query_instruction=instruction or "")[0]
-                hits += store.search(collection, vector, args.limit, args.author)
-            hits.sort(key=lambda h: -h.score)
-            print_hits(query, hits[: args.limit], args.json)
+            print_hits(query, searcher(query, args.limit, args.author), args.json, searcher.mode)
             sys.stdout.flush()
     if not answered:
         err("no query: give QUERY or one query per line on stdin")
@@ -41,7 +38,45 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def print_hits(query: str, hits: list, as_json: bool) -> None:
+MIXED_COLLECTIONS = (
+    "search: some collections have no sparse vectors yet (written before hybrid search); "
+    "run `llm-twin-features backfill` to add them. Searching dense."
+)
+
+
+def _search_through_server(args: argparse.Namespace, settings: Settings) -> bool:
+    """Whether the model server at `EMBEDDING_SERVICE_URL` answered the query (False: it is
+    busy, of another data dir or configuration, or gone; the caller searches itself)."""
+    import urllib.error
+    import urllib.request
+    from types import SimpleNamespace
+
+    body = {
+        "query": args.query,
+        "types": [args.type] if args.type else list(data_types()),
+        "limit": args.limit,
+        "author": args.author,
+        "mode": args.mode,
+        "identity": settings.search_identity(),
+    }
+    request = urllib.request.Request(
+        f"{settings.embedding_service_url}/search",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            reply = json.load(response)
+    except (OSError, ValueError):
+        return False
+    if reply["mode"] != args.mode:
+        err(MIXED_COLLECTIONS)
+    hits = [SimpleNamespace(**hit) for hit in reply["hits"]]
+    print_hits(args.query, hits, args.json, reply["mode"])
+    return True
+
+
+def print_hits(query: str, hits: list, as_json: bool, mode: str) -> None:
     if not as_json:
         print(f"query: {query}")
         if not hits:
@@ -56,6 +91,8 @@ def print_hits(query: str, hits: list, as_json: bool) -> None:
                 "rank": rank,
                 "document_id": payload.get("document_id"),
                 "score": round(hit.score, 6),
+                "dense_score": None if hit.dense_score is None else round(hit.dense_score, 6),
+                "mode": mode,
                 "text": chunk_text,
                 "type": payload.get("data_type"),
                 "chunk_index": payload.get("chunk_index"),

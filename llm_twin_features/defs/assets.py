@@ -22,6 +22,7 @@ from llm_twin_features.defs.resources import (
     WarehouseResource,
 )
 from llm_twin_features.domain.data_types import data_types
+from llm_twin_features.domain.shards import Shard
 from llm_twin_features.pipeline import ledger
 from llm_twin_features.pipeline import stages as pipeline
 from llm_twin_features.pipeline.audit import AuditReport, audit
@@ -64,6 +65,12 @@ class ScopeConfig(dg.Config):
         description="Run every stage even when the partition is as its last complete sync "
         "left it (whole-partition runs otherwise stop after one read of the warehouse).",
     )
+    shard: str | None = Field(
+        default=None,
+        description="'I/N': only the documents whose id hashes to shard I (0-based) of N, "
+        "removing the features of those that left the warehouse; the N shards of a partition "
+        "cover it exactly once and can run in parallel runs (`backfill --shards N`).",
+    )
 
 
 warehouse_documents = dg.AssetSpec(
@@ -76,9 +83,9 @@ warehouse_documents = dg.AssetSpec(
 )
 
 
-def _metadata(report: pipeline.StageReport, scope: list[str] | None) -> dict:
+def _metadata(report: pipeline.StageReport, scope: str) -> dict:
     metadata: dict = {
-        "scope": "whole partition" if scope is None else f"{len(scope)} document ids",
+        "scope": scope,
         "documents_in_scope": report.in_scope,
         "upserted": report.upserted,
         "skipped_unchanged": report.skipped_unchanged,
@@ -145,13 +152,13 @@ in_sync_check = dg.AssetCheckSpec(
 )
 
 
-def _check_result(report: AuditReport, scope: list[str] | None) -> dg.AssetCheckResult:
+def _check_result(report: AuditReport, scope: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         asset_key=EMBEDDED,
         check_name=IN_SYNC_CHECK,
         passed=report.in_sync,
         metadata={
-            "scope": "whole partition" if scope is None else f"the run's {len(scope)} documents",
+            "scope": scope,
             **report.counts(),
             "examples": dg.MetadataValue.json(report.examples()),
         },
@@ -223,7 +230,16 @@ def sync_features(
     selected = context.selected_asset_keys
     embedder = EmbeddingDispatcher.embedder(data_type, embedding.settings())
     max_chars = warehouse.max_document_chars
+    shard = Shard.parse(config.shard) if config.shard else None
+    if shard is not None and scope is not None:
+        raise ValueError("give document_ids or a shard, not both")
+    label = "whole partition" if scope is None else f"{len(scope)} document ids"
     with warehouse.open() as state:
+        if shard is not None:
+            with feature_store.open(context.log) as store:
+                scope = pipeline.shard_scope(state, store, data_type, shard)
+            label = f"shard {shard} ({len(scope)} documents)"
+            context.log.info(f"{data_type}: {label}")
         before: ledger.SyncInputs | None = None
         if scope is None:
             before = ledger.current_inputs(
@@ -237,19 +253,19 @@ def sync_features(
             report = pipeline.ingest_raw(
                 state, data_type, scope, context.log.info, max_chars=max_chars
             )
-            yield dg.MaterializeResult(asset_key=RAW, metadata=_metadata(report, scope))
+            yield dg.MaterializeResult(asset_key=RAW, metadata=_metadata(report, label))
         if not selected & {CLEANED, CHUNKED, EMBEDDED}:
             return
         drift = None
         with feature_store.open(context.log) as store:
             if CLEANED in selected:
                 report = pipeline.clean_documents(state, store, data_type, scope, context.log.info)
-                yield dg.MaterializeResult(asset_key=CLEANED, metadata=_metadata(report, scope))
+                yield dg.MaterializeResult(asset_key=CLEANED, metadata=_metadata(report, label))
             if CHUNKED in selected:
                 report = pipeline.chunk_documents(
                     state, store, data_type, embedder, scope, context.log.info
                 )
-                yield dg.MaterializeResult(asset_key=CHUNKED, metadata=_metadata(report, scope))
+                yield dg.MaterializeResult(asset_key=CHUNKED, metadata=_metadata(report, label))
             if EMBEDDED in selected:
                 report = pipeline.embed_chunks(
                     state, store, data_type, embedder, scope, context.log.info
@@ -257,9 +273,9 @@ def sync_features(
                 drift = audit(state, store, data_type, embedder, max_chars, scope=scope)
                 checks = []
                 if in_sync_check.key in context.selected_asset_check_keys:
-                    checks.append(_check_result(drift, scope))
+                    checks.append(_check_result(drift, label))
                 yield dg.MaterializeResult(
-                    asset_key=EMBEDDED, metadata=_metadata(report, scope), check_results=checks
+                    asset_key=EMBEDDED, metadata=_metadata(report, label), check_results=checks
                 )
         if (
             before is not None
@@ -280,13 +296,18 @@ def sync_features(
             ledger.record_mark(state, data_type, after, context.run_id, counts)
 
 
-def scoped_run_config(document_ids: list[str] | None, force: bool = False) -> dg.RunConfig:
-    """Run config that scopes every stage to the given documents (None: all of them)."""
-    return dg.RunConfig(ops={SYNC_OP: ScopeConfig(document_ids=document_ids, force=force)})
+def scoped_run_config(
+    document_ids: list[str] | None, force: bool = False, shard: str | None = None
+) -> dg.RunConfig:
+    """Run config that scopes every stage to the given documents (None: all of them), or to
+    one shard of them."""
+    scope = ScopeConfig(document_ids=document_ids, force=force, shard=shard)
+    return dg.RunConfig(ops={SYNC_OP: scope})
 
 
 def run_scope(run_config: Mapping[str, Any] | None) -> list[str] | None:
-    """The document ids a pipeline run's config scopes it to (None: the whole partition)."""
+    """The document ids a pipeline run's config scopes it to (None: the whole partition, or a
+    shard of it, whose ids only its run computes)."""
     ops = (run_config or {}).get("ops", {})
     return ops.get(SYNC_OP, {}).get("config", {}).get("document_ids")
 

@@ -114,8 +114,10 @@ REPOSITORIES = register(
         description="Code repositories: content maps file paths to file text.",
         # Each file keeps its path as a header line.
         clean=clean_repository_content,
-        # Code rarely has blank lines every 500 characters: also split on lines, larger pieces.
-        chunking=ChunkingConfig(separators=["\n\n", "\n"], chunk_size=1000),
+        # Code is chunked like text: on blank lines, 500-character pieces (a longer block is
+        # cut by the token window). On the eval this retrieved best: hybrid recall@5 of
+        # repositories 1.000, against 0.988 when also split on single lines (1,000 or 500).
+        chunking=ChunkingConfig(),
         embedding_role="code",
         metadata_fields=("name", "link"),
         # `owner_id` too: the course's retriever filters repositories on it.

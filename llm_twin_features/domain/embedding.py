@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 _models: dict[str, SentenceTransformer] = {}
+_query_models: dict[str, Any] = {}
 _lock = threading.Lock()
 _parallel_encode_lock = threading.Lock()
 MAX_AUTO_WORKERS = 8
@@ -55,6 +56,18 @@ def load_local_model(model_id: str) -> SentenceTransformer:
             model.set_pooling_include_prompt(False)
             _models[model_id] = model
         return _models[model_id]
+
+
+def load_query_model(model_id: str) -> Any | None:
+    """`model_id` in NumPy (`numpy_bert`) when it is a local BERT sentence-transformer, for
+    processes that only embed a few queries; None: use `load_local_model`. Cached."""
+    with _lock:
+        if model_id not in _query_models:
+            from llm_twin_features.domain import numpy_bert
+
+            path = resolve_model_path(model_id)
+            _query_models[model_id] = numpy_bert.load(path) if os.path.isdir(path) else None
+        return _query_models[model_id]
 
 
 def encode_workers(configured: int = 0) -> int:

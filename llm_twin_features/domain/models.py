@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Bump when cleaning or chunking changes output, or the payloads change, so stored features
 # are rebuilt (the audit finds them stale; unchanged chunks keep their vectors).
 # 2: chunk text under `content` (was `text`), repositories' author also under `owner_id`.
-PIPELINE_VERSION = "2"
+# 3: a BM25 sparse vector (`domain/sparse.py`) next to each dense one, for hybrid search.
+PIPELINE_VERSION = "3"
 
 _POINT_NAMESPACE = uuid.UUID("6f0d1c1e-7f8b-4d55-9a57-1c0f8f2b9e10")
 

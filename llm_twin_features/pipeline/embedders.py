@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 from llm_twin_features.domain.data_types import spec_of
-from llm_twin_features.domain.embedding import Embedder, encode_workers
+from llm_twin_features.domain.embedding import (
+    Embedder,
+    encode_workers,
+    load_query_model,
+    loaded_models,
+)
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.model_client import model_loader
 
@@ -31,6 +36,40 @@ class EmbeddingDispatcher:
 
     @staticmethod
     def query_instruction(data_type: str, settings: Settings) -> str | None:
+        """The instruction queries for `data_type` are embedded with (None or "": none)."""
         if spec_of(data_type).embedding_role == "code":
             return settings.code_query_instruction  # "" means none (not the document's)
         return None
+
+
+class QueryEncoder:
+    """The query vectors a search needs, per data type: one encode per distinct model and
+    query instruction (the bundled model serves every type: one encode, not three)."""
+
+    def __init__(self, data_types: list[str], settings: Settings) -> None:
+        self._embedders = {t: EmbeddingDispatcher.embedder(t, settings) for t in data_types}
+        self._instructions = {
+            t: EmbeddingDispatcher.query_instruction(t, settings) or "" for t in data_types
+        }
+        # Without a model server, a plain query to a BERT model is encoded in NumPy: the
+        # first result comes seconds sooner than after importing torch (same vectors).
+        self._light = not settings.embedding_service_url
+
+    def vectors(self, query: str) -> dict[str, list[float]]:
+        encoded: dict[tuple[str, str], list[float]] = {}
+        vectors = {}
+        for data_type, embedder in self._embedders.items():
+            instruction = self._instructions[data_type]
+            key = (embedder.model_id, instruction)
+            if key not in encoded:
+                encoded[key] = self._encode(embedder, query, instruction)
+            vectors[data_type] = encoded[key]
+        return vectors
+
+    def _encode(self, embedder: Embedder, query: str, instruction: str) -> list[float]:
+        light = None
+        if self._light and not instruction and embedder.model_id not in loaded_models():
+            light = load_query_model(embedder.model_id)
+        if light is not None:
+            return light.encode([query])[0].tolist()
+        return embedder.embed([query], query_instruction=instruction)[0]

@@ -30,6 +30,8 @@ from llm_twin_features.domain.models import (
     RawDocument,
     document_point_id,
 )
+from llm_twin_features.domain.shards import Shard
+from llm_twin_features.domain.sparse import document_vector
 from llm_twin_features.domain.validation import (
     DEFAULT_MAX_DOCUMENT_CHARS,
     admit,
@@ -39,6 +41,7 @@ from llm_twin_features.domain.validation import (
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
     Point,
+    SparseVector,
     cleaned_collection,
     vector_collection,
 )
@@ -107,6 +110,20 @@ def _quarantine(
             for entry_id, reason in reasons.items()
         ]
     )
+
+
+def shard_scope(
+    warehouse: Warehouse, store: FeatureStore, data_type: str, shard: Shard
+) -> list[str]:
+    """Every document id of the shard that any stage knows of: in the warehouse, the stage
+    state or the feature store. A run scoped to them processes the shard's documents and
+    removes the features of those that left the warehouse, as a whole-partition run does
+    for all of them."""
+    known = set(warehouse.documents(data_type).ids())
+    known |= warehouse.raw_state(data_type).ids() | warehouse.chunk_state(data_type).ids()
+    for collection in (cleaned_collection(data_type), vector_collection(data_type)):
+        known |= store.document_ids(collection)
+    return sorted(entry_id for entry_id in known if shard.holds(entry_id))
 
 
 # --- raw -------------------------------------------------------------------------------------
@@ -298,7 +315,10 @@ def stored_chunks(
 
 
 def _point(target: EmbeddedChunk, vector: list[float]) -> Point:
-    return Point(target.point_id, target.payload(), vector)
+    """The chunk's point: its dense vector and its BM25 sparse vector (computed here: it
+    needs no model, costs about 0.1 ms a chunk, and depends on the chunk text alone)."""
+    sparse = SparseVector(*document_vector(target.chunk.chunk_content))
+    return Point(target.point_id, target.payload(), vector, sparse)
 
 
 def embed_chunks(

@@ -65,6 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            if self.path == "/search":
+                self._reply(*_search(request))
+                return
             model = load_local_model(request["model"])
             if self.path == "/tokenize":
                 encoded = model.tokenizer(
@@ -102,6 +105,38 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as error:  # a bad request must not kill the server
             log.exception("model server request failed")
             self._reply(500, {"error": f"{type(error).__name__}: {error}"})
+
+
+_search_lock = threading.Lock()  # Qdrant local admits one open client per process too
+
+
+def _search(request: dict) -> tuple[int, dict]:
+    """A search answered here, for the CLI: with the models loaded and qdrant-client imported
+    it costs the time of the search. Only for a caller with the same feature store and query
+    models (409 otherwise); 503 when the feature store is held by a run for long."""
+    from dataclasses import asdict
+
+    from llm_twin_features.pipeline.retrieval import Searcher
+    from llm_twin_features.settings import Settings
+    from llm_twin_features.stores.feature_store import FeatureStoreUnavailable, open_feature_store
+
+    settings = Settings().model_copy(update={"embedding_service_url": None})
+    if request.get("identity") != settings.search_identity():
+        return 409, {"error": "this server searches another feature store or with other models"}
+    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    with _search_lock:
+        try:
+            store = open_feature_store(
+                settings.qdrant_url, api_key, settings.resolved_data_dir, lock_timeout=5
+            )
+        except FeatureStoreUnavailable as error:
+            return 503, {"error": str(error)}
+        try:
+            searcher = Searcher(store, request["types"], settings, request["mode"])
+            hits = searcher(request["query"], request["limit"], request.get("author"))
+        finally:
+            store.close()
+    return 200, {"mode": searcher.mode, "hits": [asdict(hit) for hit in hits]}
 
 
 def serve(

@@ -22,9 +22,20 @@ from qdrant_client import QdrantClient, models
 
 from llm_twin_features.stores.feature_store_state import cleaned_collection, vector_collection
 
-__all__ = ["FeatureStore", "Point", "cleaned_collection", "open_feature_store", "vector_collection"]
+__all__ = [
+    "FeatureStore",
+    "Point",
+    "SparseVector",
+    "cleaned_collection",
+    "dense_vector",
+    "open_feature_store",
+    "vector_collection",
+]
 
 SCROLL_PAGE = 1024
+# The BM25 sparse vector's name, next to the unnamed dense vector (which stays the default,
+# so plain dense queries such as the course retriever's work unchanged).
+SPARSE_VECTOR = "bm25"
 UPSERT_BATCH = 256
 # Filtered keys: ours, and `owner_id`, the course retriever's author key for repositories.
 KEYWORD_INDEXES = ("document_id", "author_id", "owner_id")
@@ -32,6 +43,14 @@ KEYWORD_INDEXES = ("document_id", "author_id", "owner_id")
 
 class FeatureStoreUnavailable(RuntimeError):
     """The feature store could not be opened or reached; nothing was written."""
+
+
+def _author_filter(author_id: str | None) -> models.Filter | None:
+    if not author_id:
+        return None
+    return models.Filter(
+        must=[models.FieldCondition(key="author_id", match=models.MatchValue(value=author_id))]
+    )
 
 
 def _documents_filter(document_ids: Iterable[str] | None) -> models.Filter | None:
@@ -45,10 +64,33 @@ def _documents_filter(document_ids: Iterable[str] | None) -> models.Filter | Non
 
 
 @dataclass(frozen=True)
+class SparseVector:
+    indices: list[int]
+    values: list[float]
+
+
+@dataclass(frozen=True)
 class Point:
     id: str
     payload: dict[str, Any]
     vector: list[float] | None = None
+    sparse: SparseVector | None = None
+
+
+def dense_vector(vector: Any) -> list[float]:
+    """The dense vector of a record (a collection with a sparse vector returns a dict)."""
+    return vector[""] if isinstance(vector, dict) else vector
+
+
+def _vectors(point: Point) -> Any:
+    """A point's vectors as Qdrant takes them: none (the cleaned snapshot), the dense vector
+    alone, or the dense one as the unnamed default next to the named sparse one."""
+    if point.vector is None:
+        return {}
+    if point.sparse is None:
+        return point.vector
+    sparse = models.SparseVector(indices=point.sparse.indices, values=point.sparse.values)
+    return {"": point.vector, SPARSE_VECTOR: sparse}
 
 
 class FeatureStore:
@@ -70,19 +112,41 @@ class FeatureStore:
         return name
 
     def ensure_vector_collection(self, data_type: str, dimension: int) -> str:
-        """Creates `vector_{type}`; recreates it when the model's dimension changed."""
+        """Creates `vector_{type}` (dense, cosine, plus the BM25 sparse vector); recreates it
+        when the model's dimension changed. A collection from before sparse vectors is
+        rebuilt with its dense vectors kept (Qdrant cannot add a sparse vector in place)."""
         name = vector_collection(data_type)
         if self.exists(name):
-            params = self.client.get_collection(name).config.params.vectors
-            if isinstance(params, models.VectorParams) and params.size == dimension:
+            params = self.client.get_collection(name).config.params
+            dense_fits = (
+                isinstance(params.vectors, models.VectorParams) and params.vectors.size == dimension
+            )
+            if dense_fits and SPARSE_VECTOR in (params.sparse_vectors or {}):
                 return name
+            kept = list(self.points(name, with_vectors=True)) if dense_fits else []
             self.client.delete_collection(name)
+            self._create_vector_collection(name, dimension)
+            points = [Point(str(r.id), r.payload or {}, dense_vector(r.vector)) for r in kept]
+            self.upsert(name, points)
+            return name
+        self._create_vector_collection(name, dimension)
+        return name
+
+    def _create_vector_collection(self, name: str, dimension: int) -> None:
         self.client.create_collection(
             name,
             vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
+            sparse_vectors_config={
+                SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)
+            },
         )
         self._index_payload(name)
-        return name
+
+    def has_sparse_vectors(self, collection: str) -> bool:
+        if not self.exists(collection):
+            return False
+        params = self.client.get_collection(collection).config.params
+        return SPARSE_VECTOR in (params.sparse_vectors or {})
 
     def _index_payload(self, name: str) -> None:
         if self.local:  # local mode scans payloads; indexes have no effect there
@@ -116,11 +180,25 @@ class FeatureStore:
             if offset is None:
                 return
 
+    def document_ids(self, collection: str) -> set[str]:
+        """The `document_id` of every point (payloads only, no vectors)."""
+        if not self.exists(collection):
+            return set()
+        ids: set[str] = set()
+        offset = None
+        while True:
+            records, offset = self.client.scroll(
+                collection, limit=SCROLL_PAGE, offset=offset, with_payload=["document_id"]
+            )
+            ids.update(str((r.payload or {}).get("document_id", "")) for r in records)
+            if offset is None:
+                return ids - {""}
+
     def vectors(self, collection: str, point_ids: list[str]) -> dict[str, list[float]]:
         if not point_ids:
             return {}
         records = self.client.retrieve(collection, ids=point_ids, with_vectors=True)
-        return {str(r.id): r.vector for r in records}  # type: ignore[misc]
+        return {str(r.id): dense_vector(r.vector) for r in records}
 
     def count(self, collection: str) -> int:
         if not self.exists(collection):
@@ -130,17 +208,32 @@ class FeatureStore:
     def search(
         self, collection: str, vector: list[float], limit: int, author_id: str | None = None
     ) -> list[models.ScoredPoint]:
+        """The nearest chunks by the dense (default) vector."""
         if not self.exists(collection):
             return []
-        query_filter = None
-        if author_id:
-            query_filter = models.Filter(
-                must=[
-                    models.FieldCondition(key="author_id", match=models.MatchValue(value=author_id))
-                ]
-            )
         return self.client.query_points(
-            collection, query=vector, limit=limit, query_filter=query_filter, with_payload=True
+            collection,
+            query=vector,
+            limit=limit,
+            query_filter=_author_filter(author_id),
+            with_payload=True,
+        ).points
+
+    def sparse_search(
+        self, collection: str, sparse: SparseVector, limit: int, author_id: str | None = None
+    ) -> list[models.ScoredPoint]:
+        """The best chunks by the BM25 sparse vector (Qdrant applies the IDF), each with its
+        dense vector (as `dense_vector(point)` reads it)."""
+        if not self.has_sparse_vectors(collection) or not sparse.indices:
+            return []
+        return self.client.query_points(
+            collection,
+            query=models.SparseVector(indices=sparse.indices, values=sparse.values),
+            using=SPARSE_VECTOR,
+            limit=limit,
+            query_filter=_author_filter(author_id),
+            with_payload=True,
+            with_vectors=[""],
         ).points
 
     # --- writes --------------------------------------------------------------------------------
@@ -150,7 +243,7 @@ class FeatureStore:
         only point (the cleaned snapshot)."""
         self._before_write(collection)
         structs = [
-            models.PointStruct(id=p.id, vector=p.vector or {}, payload=p.payload) for p in points
+            models.PointStruct(id=p.id, vector=_vectors(p), payload=p.payload) for p in points
         ]
         for start in range(0, len(structs), UPSERT_BATCH):
             self.client.upsert(collection, points=structs[start : start + UPSERT_BATCH], wait=True)

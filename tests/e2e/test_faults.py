@@ -400,12 +400,12 @@ def test_feature_store_held_by_another_process_fails_the_step_clearly_then_the_r
     finally:
         stop(holder)
 
-    retried = run_errors(result, dg.DagsterEventType.STEP_UP_FOR_RETRY, "cleaned_documents")
+    retried = run_errors(result, dg.DagsterEventType.STEP_UP_FOR_RETRY, SYNC_OP)
     assert retried, "the step was not retried"
     assert all("held by another process for more than 1 s" in error for error in retried)
     assert "FeatureStoreUnavailable" in retried[0]
     assert result.success
-    assert not run_errors(result, dg.DagsterEventType.STEP_FAILURE, "cleaned_documents")
+    assert not run_errors(result, dg.DagsterEventType.STEP_FAILURE, SYNC_OP)
     code, out, _ = in_process("audit", "--type", "posts", "--json")
     assert code == 0, out
     assert json.loads(out)["cleaned_points"] == 30

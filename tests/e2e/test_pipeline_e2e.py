@@ -138,7 +138,8 @@ def test_payloads_carry_provenance_and_one_author_key(harness: Harness):
             ):
                 assert payload.get(key) is not None, (data_type, key)
             assert "text" not in payload  # the chunk text is stored once, under `content`
-            cleaned = next(store.points(cleaned_collection(data_type))).payload
+            document = [payload["document_id"]]  # the cleaned point of the same document
+            cleaned = next(store.points(cleaned_collection(data_type), document)).payload
             assert cleaned["author_id"] and cleaned["cleaned_content"]
             # Repositories also carry the crawler's key, which the course's retriever filters on.
             for owner_payload in (payload, cleaned):

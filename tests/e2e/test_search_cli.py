@@ -1,5 +1,6 @@
-"""`search` on the laptop: it finds the stack's model server by itself (no model loaded in
-the command), and answers queries from stdin as they come."""
+"""`search` on the laptop: it finds the stack's model server by itself (which answers a
+single query: no model loaded, no Qdrant client imported in the command), and answers
+queries from stdin as they come."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from ..conftest import SAMPLE_CORPUS
 LOADS_NO_MODEL = (
     "import sys; from llm_twin_features import cli; code = cli.main(sys.argv[1:]); "
     "print('IMPORTED-SENTENCE-TRANSFORMERS', 'sentence_transformers' in sys.modules); "
+    "print('IMPORTED-QDRANT', 'qdrant_client' in sys.modules); "
+    "print('IMPORTED-TORCH', 'torch' in sys.modules); "
     "sys.exit(code)"
 )
 
@@ -70,14 +73,25 @@ def test_search_uses_the_running_stacks_model_server(backfilled: Path):
         found = subprocess.run(search, env=env, capture_output=True, text=True, timeout=120)
         assert found.returncode == 0, found.stderr
         assert "IMPORTED-SENTENCE-TRANSFORMERS False" in found.stdout
-        assert any(line.startswith("{") for line in found.stdout.splitlines())
+        assert "IMPORTED-QDRANT False" in found.stdout  # the server searched
+        hits = [json.loads(line) for line in found.stdout.splitlines() if line.startswith("{")]
+        assert hits and {hit["mode"] for hit in hits} == {"hybrid"}
+        # Another query configuration than the server's: it embeds through the server but
+        # searches itself (the server refuses to answer for other settings).
+        other = {**env, "CODE_QUERY_INSTRUCTION": "Represent the question:"}
+        found = subprocess.run(search, env=other, capture_output=True, text=True, timeout=120)
+        assert found.returncode == 0, found.stderr
+        assert "IMPORTED-SENTENCE-TRANSFORMERS False" in found.stdout
+        assert "IMPORTED-QDRANT True" in found.stdout
     finally:
         server.terminate()
         server.wait(timeout=30)
-    # The server is gone: the stale file is ignored and the command loads the model itself.
+    # The server is gone: the stale file is ignored and the command embeds the query itself,
+    # in NumPy (no torch imported) for the bundled model.
     found = subprocess.run(search, env=env, capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr
-    assert "IMPORTED-SENTENCE-TRANSFORMERS True" in found.stdout
+    assert "IMPORTED-TORCH False" in found.stdout and "IMPORTED-QDRANT True" in found.stdout
+    assert any(line.startswith("{") for line in found.stdout.splitlines())
 
 
 def test_queries_from_stdin_are_answered_as_they_come(backfilled: Path):

@@ -15,7 +15,7 @@ from llm_twin_features.domain.chunking import ChunkingConfig, TokenWindow, chunk
 from llm_twin_features.domain.embedding import BUNDLED_MODEL, Embedder, load_local_model
 from llm_twin_features.runtime.local_stack import free_port
 from llm_twin_features.runtime.model_server import serve
-from llm_twin_features.settings import DEFAULT_CODE_INSTRUCTION
+from llm_twin_features.settings import INSTRUCTOR_CODE_INSTRUCTION
 from llm_twin_features.stores.model_client import (
     ModelServiceUnavailable,
     RemoteModel,
@@ -35,8 +35,8 @@ def url():
 
 
 def test_remote_vectors_equal_local_ones(url):
-    remote = Embedder(BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION, loader=model_loader(url))
-    local = Embedder(BUNDLED_MODEL, DEFAULT_CODE_INSTRUCTION)
+    remote = Embedder(BUNDLED_MODEL, INSTRUCTOR_CODE_INSTRUCTION, loader=model_loader(url))
+    local = Embedder(BUNDLED_MODEL, INSTRUCTOR_CODE_INSTRUCTION)
     assert isinstance(remote.model, RemoteModel)
     assert np.allclose(remote.embed(TEXTS), local.embed(TEXTS), atol=1e-6)
     assert (remote.dimension, remote.max_text_tokens) == (local.dimension, local.max_text_tokens)

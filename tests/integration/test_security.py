@@ -28,7 +28,7 @@ import pytest
 
 from llm_twin_features import cli
 from llm_twin_features.definitions import build_definitions
-from llm_twin_features.defs.assets import raw_documents
+from llm_twin_features.defs.assets import sync_features
 from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
 from llm_twin_features.defs.resources import build_resources
 from llm_twin_features.settings import Settings
@@ -337,7 +337,7 @@ def test_dagster_runs_and_sensor_ticks_keep_secrets_out_of_the_instance(
     refusal, and no secret is in the run's config, tags, event log, compute logs or any file
     of the instance. (One attempt: the step's retries are turned off for the test.)"""
     set_secrets(monkeypatch)
-    monkeypatch.setattr(raw_documents.op, "_retry_policy", None)
+    monkeypatch.setattr(sync_features.op, "_retry_policy", None)
     instance_dir = tmp_path / "instance"
     instance_dir.mkdir()
     with dg.instance_for_test(temp_dir=str(instance_dir)) as instance:

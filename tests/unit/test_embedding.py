@@ -12,6 +12,7 @@ from llm_twin_features.domain.embedding import (
     encode_workers,
     resolve_model_path,
 )
+from llm_twin_features.settings import INSTRUCTOR_CODE_INSTRUCTION
 from llm_twin_features.stores.model_client import load_model
 
 INSTRUCTION = "Represent the code snippet for retrieval:"
@@ -161,8 +162,8 @@ def test_course_configuration_embeds_every_type_alike_with_no_instruction(monkey
     assert np.allclose(code.embed([CODE], query_instruction=query_instruction)[0], plain, atol=1e-6)
     assert code.max_text_tokens == embedders["posts"].max_text_tokens
 
-    # The default instruction does change the code vectors: the empty one is what removes it.
-    monkeypatch.delenv("CODE_EMBEDDING_INSTRUCTION")
+    # An instruction (the INSTRUCTOR one) does change the code vectors: empty removes it.
+    monkeypatch.setenv("CODE_EMBEDDING_INSTRUCTION", INSTRUCTOR_CODE_INSTRUCTION)
     instructed = EmbeddingDispatcher.embedder("repositories", Settings())
     assert instructed.signature != model_id
     assert not np.allclose(instructed.embed([CODE])[0], plain, atol=1e-3)

@@ -7,7 +7,7 @@ from llm_twin_features.domain.dispatchers import CleaningDispatcher
 from llm_twin_features.domain.models import chunk_point_id, document_point_id
 from llm_twin_features.domain.validation import describe_error, validate
 from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
-from llm_twin_features.settings import Settings
+from llm_twin_features.settings import INSTRUCTOR_CODE_INSTRUCTION, Settings
 
 from ..conftest import sample_documents
 
@@ -80,14 +80,17 @@ def test_unknown_type_is_a_value_error():
 
 
 def test_code_uses_the_instructor_path_and_prose_does_not():
-    settings = Settings(code_embedding_model="hkunlp/instructor-xl")
+    settings = Settings(
+        code_embedding_model="hkunlp/instructor-xl",
+        code_embedding_instruction=INSTRUCTOR_CODE_INSTRUCTION,
+    )
     code = EmbeddingDispatcher.embedder("repositories", settings)
     prose = EmbeddingDispatcher.embedder("articles", settings)
-    assert (code.model_id, code.instruction) == (
-        "hkunlp/instructor-xl",
-        settings.code_embedding_instruction,
-    )
+    assert code.model_id == "hkunlp/instructor-xl"
+    assert code.instruction == INSTRUCTOR_CODE_INSTRUCTION
     assert prose.instruction is None
+    # By default code has no instruction: the bundled MiniLM was not trained for them.
+    assert EmbeddingDispatcher.embedder("repositories", Settings()).instruction is None
 
 
 def test_every_type_is_declared_once_and_its_payloads_follow_the_declaration():
