@@ -175,12 +175,13 @@ def build(variant: Variant, docs: list[dict], model) -> dict[str, dict]:
 
 
 class SparseIndex:
-    """Brute-force BM25 over one type's chunks: sparse.py's vectors, IDF as Qdrant's
+    """Brute-force BM25 over one type's chunks: the package's sparse vectors, IDF as Qdrant's
     Modifier.IDF computes it (per collection)."""
 
     def __init__(self, texts: list[str]) -> None:
-        import sparse
         from scipy.sparse import csr_matrix
+
+        from llm_twin_features.domain import sparse
 
         rows, cols, vals = [], [], []
         self.columns: dict[int, int] = {}
@@ -199,7 +200,7 @@ class SparseIndex:
         self.idf = np.log((n - df + 0.5) / (df + 0.5) + 1)
 
     def scores(self, query: str) -> np.ndarray:
-        import sparse
+        from llm_twin_features.domain import sparse
 
         indices, _ = sparse.query_vector(query)
         cols = [self.columns[i] for i in indices if i in self.columns]
