@@ -16,7 +16,11 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     chosen = [args.type] if args.type else list(data_types())
     # One query while the laptop stack runs: its model server answers it, with the models
     # loaded and qdrant-client imported (a second less than importing it here).
-    if args.query and settings.embedding_service_url and _search_through_server(args, settings):
+    if (
+        args.query
+        and settings.embedding_service_url
+        and _search_through_server(args, chosen, settings)
+    ):
         return 0
 
     from llm_twin_features.pipeline.retrieval import Searcher
@@ -44,16 +48,15 @@ MIXED_COLLECTIONS = (
 )
 
 
-def _search_through_server(args: argparse.Namespace, settings: Settings) -> bool:
+def _search_through_server(args: argparse.Namespace, chosen: list[str], settings: Settings) -> bool:
     """Whether the model server at `EMBEDDING_SERVICE_URL` answered the query (False: it is
     busy, of another data dir or configuration, or gone; the caller searches itself)."""
-    import urllib.error
     import urllib.request
     from types import SimpleNamespace
 
     body = {
         "query": args.query,
-        "types": [args.type] if args.type else list(data_types()),
+        "types": chosen,
         "limit": args.limit,
         "author": args.author,
         "mode": args.mode,

@@ -24,7 +24,6 @@ from llm_twin_features.stores.feature_store import (
 )
 
 Mode = Literal["dense", "hybrid"]
-MODES: tuple[Mode, ...] = ("hybrid", "dense")
 PREFETCH = 20  # candidates from each of the dense and sparse searches, per type
 RRF_K = 2
 TIE_BREAK = 1e-6  # weight of the dense score in a fused score: it only orders equal ranks
@@ -129,7 +128,6 @@ class Searcher:
     ) -> None:
         self.store = store
         present = [t for t in data_types if store.exists(vector_collection(t))]
-        self.requested_mode = mode
         self.mode = effective_mode(store, present, mode)
         self.encoder = QueryEncoder(present, settings)
 
