@@ -12,7 +12,7 @@ export LLM_TWIN_DATA_DIR ?= $(CURDIR)/.data
 export DAGSTER_HOME ?= $(LLM_TWIN_DATA_DIR)/dagster_home
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint bench eval ui clean
+.PHONY: install run test lint bench bench-scale eval ui clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ test: install lint
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# `make bench-scale`: the platform at 1x/5x/20x the bench corpus (1-layer stand-in model) and the
+# model server under 1/2/4 concurrent clients (~18 min); not part of `make test`.
+bench-scale: install
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/model_server_load.py
 
 eval: install
 	$(BIN)/python eval/run.py --naive
