@@ -8,6 +8,7 @@ and Qdrant local's load of every point once, not four and three times. The step 
 `feature_store` pool, so concurrent runs queue for Qdrant local mode's one-process lock.
 """
 
+import contextlib
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, TypedDict
@@ -234,14 +235,9 @@ def sync_features(
     if shard is not None and scope is not None:
         raise ValueError("give document_ids or a shard, not both")
     label = "whole partition" if scope is None else f"{len(scope)} document ids"
-    with warehouse.open() as state:
-        if shard is not None:
-            with feature_store.open(context.log) as store:
-                scope = pipeline.shard_scope(state, store, data_type, shard)
-            label = f"shard {shard} ({len(scope)} documents)"
-            context.log.info(f"{data_type}: {label}")
+    with warehouse.open() as state, contextlib.ExitStack() as opened:
         before: ledger.SyncInputs | None = None
-        if scope is None:
+        if scope is None and shard is None:
             before = ledger.current_inputs(
                 state, data_type, embedder, max_chars, feature_store.state_token
             )
@@ -249,34 +245,43 @@ def sync_features(
             if mark is not None:
                 yield from _unchanged(context, mark, started)
                 return
+        # Opened once for the step, and only when a stage (or the shard's ids) needs it.
+        store = None
+        if shard is not None or selected & {CLEANED, CHUNKED, EMBEDDED}:
+            store = opened.enter_context(feature_store.open(context.log))
+        if shard is not None:
+            assert store is not None
+            scope = pipeline.shard_scope(state, store, data_type, shard)
+            label = f"shard {shard} ({len(scope)} documents)"
+            context.log.info(f"{data_type}: {label}")
         if RAW in selected:
             report = pipeline.ingest_raw(
                 state, data_type, scope, context.log.info, max_chars=max_chars
             )
             yield dg.MaterializeResult(asset_key=RAW, metadata=_metadata(report, label))
-        if not selected & {CLEANED, CHUNKED, EMBEDDED}:
+        if store is None:
             return
         drift = None
-        with feature_store.open(context.log) as store:
-            if CLEANED in selected:
-                report = pipeline.clean_documents(state, store, data_type, scope, context.log.info)
-                yield dg.MaterializeResult(asset_key=CLEANED, metadata=_metadata(report, label))
-            if CHUNKED in selected:
-                report = pipeline.chunk_documents(
-                    state, store, data_type, embedder, scope, context.log.info
-                )
-                yield dg.MaterializeResult(asset_key=CHUNKED, metadata=_metadata(report, label))
-            if EMBEDDED in selected:
-                report = pipeline.embed_chunks(
-                    state, store, data_type, embedder, scope, context.log.info
-                )
-                drift = audit(state, store, data_type, embedder, max_chars, scope=scope)
-                checks = []
-                if in_sync_check.key in context.selected_asset_check_keys:
-                    checks.append(_check_result(drift, label))
-                yield dg.MaterializeResult(
-                    asset_key=EMBEDDED, metadata=_metadata(report, label), check_results=checks
-                )
+        if CLEANED in selected:
+            report = pipeline.clean_documents(state, store, data_type, scope, context.log.info)
+            yield dg.MaterializeResult(asset_key=CLEANED, metadata=_metadata(report, label))
+        if CHUNKED in selected:
+            report = pipeline.chunk_documents(
+                state, store, data_type, embedder, scope, context.log.info
+            )
+            yield dg.MaterializeResult(asset_key=CHUNKED, metadata=_metadata(report, label))
+        if EMBEDDED in selected:
+            report = pipeline.embed_chunks(
+                state, store, data_type, embedder, scope, context.log.info
+            )
+            drift = audit(state, store, data_type, embedder, max_chars, scope=scope)
+            checks = []
+            if in_sync_check.key in context.selected_asset_check_keys:
+                checks.append(_check_result(drift, label))
+            yield dg.MaterializeResult(
+                asset_key=EMBEDDED, metadata=_metadata(report, label), check_results=checks
+            )
+        opened.close()  # the feature store's token below must see its files closed
         if (
             before is not None
             and drift is not None
