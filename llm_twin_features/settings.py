@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
 
+    def qdrant_api_key_value(self) -> str | None:
+        return self.qdrant_api_key.get_secret_value() if self.qdrant_api_key else None
+
     def search_identity(self) -> str:
         """What a search answered by another process (the laptop stack's model server) must
         share with the caller: the feature store and the models and instruction of queries."""

@@ -48,7 +48,7 @@ def feature_store_of(settings: Settings) -> Iterator[FeatureStore]:
     """The configured feature store (waits while another process holds a local one)."""
     from llm_twin_features.stores.feature_store import open_feature_store
 
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    api_key = settings.qdrant_api_key_value()
     store = open_feature_store(
         settings.qdrant_url, api_key, settings.resolved_data_dir, on_wait=err
     )

@@ -6,6 +6,7 @@ import argparse
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from llm_twin_features.cli.common import (
     audits,
@@ -56,7 +57,7 @@ def _changed_since_last_sync(settings: Settings, chosen: list[str]) -> list[str]
     from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
     from llm_twin_features.stores.feature_store_state import state_token
 
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    api_key = settings.qdrant_api_key_value()
 
     def store_token(collections) -> str | None:
         return state_token(settings.qdrant_url, api_key, settings.resolved_data_dir, collections)
@@ -97,6 +98,11 @@ def run_pipeline(
     `shards` ("I/N"): one run per shard of each whole partition instead."""
     from llm_twin_features.runtime.local_stack import helper_model_server
 
+    runs = [
+        Run(data_type, ids, shard)
+        for data_type, ids in scopes.items()
+        for shard in (shards if shards and ids is None else [None])
+    ]
     # The laptop stack's model server when it runs; else the model loads in a helper process
     # while Dagster is imported here.
     settings = with_running_model_server(settings)
@@ -104,13 +110,13 @@ def run_pipeline(
         print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
     elif not _needs_model(settings, scopes):
         print(f"{trigger}: nothing to chunk or embed; no model needed", flush=True)
-        return _run_pipeline(settings, scopes, trigger, force, shards)
+        return _run_pipeline(settings, runs, trigger, force)
     with helper_model_server(settings) as model_server:
         if model_server:
             print(
                 f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
             )
-        return _run_pipeline(settings, scopes, trigger, force, shards)
+        return _run_pipeline(settings, runs, trigger, force)
 
 
 def _needs_model(settings: Settings, scopes: Mapping[str, list[str] | None]) -> bool:
@@ -162,13 +168,26 @@ def _documents_changed(warehouse, data_type: str, ids: list[str], settings: Sett
     return False
 
 
-def _run_pipeline(
-    settings: Settings,
-    scopes: Mapping[str, list[str] | None],
-    trigger: str,
-    force: bool,
-    shards: list[str] | None,
-) -> int:
+@dataclass(frozen=True)
+class Run:
+    """One run of the pipeline job: a partition, whole (or one shard of it) or some ids."""
+
+    data_type: str
+    document_ids: list[str] | None = None
+    shard: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.data_type} shard {self.shard}" if self.shard else self.data_type
+
+    @property
+    def scope(self) -> str:
+        if self.document_ids is not None:
+            return f"{len(self.document_ids)} documents"
+        return "one shard" if self.shard else "whole partition"
+
+
+def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool) -> int:
     home = prepare_dagster_home(settings)
     import dagster as dg
 
@@ -179,11 +198,6 @@ def _run_pipeline(
 
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
     failed = []
-    runs = [
-        (data_type, ids, shard)
-        for data_type, ids in scopes.items()
-        for shard in (shards if shards and ids is None else [None])
-    ]
     total = len(runs)
     stop_reaper = threading.Event()
 
@@ -200,40 +214,39 @@ def _run_pipeline(
     with dg.DagsterInstance.from_config(str(home)) as instance:
         # Started once the instance (and its tables) exist: the reaper opens its own.
         threading.Thread(target=reap, daemon=True, name="dead-run-reaper").start()
-        print(f"{trigger}: {', '.join(scopes)} through the Dagster instance at {home}")
-        for number, (data_type, ids, shard) in enumerate(runs, start=1):
-            what = "whole partition" if ids is None else f"{len(ids)} documents"
-            if shard:
-                what = f"shard {shard}"
-                data_type_label = f"{data_type} shard {shard}"
-            else:
-                data_type_label = data_type
+        types = dict.fromkeys(run.data_type for run in runs)
+        print(f"{trigger}: {', '.join(types)} through the Dagster instance at {home}")
+        for number, run in enumerate(runs, start=1):
             print(
-                f"[{number}/{total}] {data_type_label}: running {FEATURE_PIPELINE_JOB} ({what})",
+                f"[{number}/{total}] {run.label}: running {FEATURE_PIPELINE_JOB} ({run.scope})",
                 flush=True,
             )
             run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-            if ids is not None or force or shard:
-                scope = scoped_run_config(ids, force, shard)
+            if run.document_ids is not None or force or run.shard:
+                scope = scoped_run_config(run.document_ids, force, run.shard)
                 run_config["ops"] = scope.to_config_dict()["ops"]
+            tags = {"llm_twin/trigger": trigger}
+            if run.shard:
+                tags["llm_twin/shard"] = run.shard
             started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,
-                partition_key=data_type,
-                tags={"llm_twin/trigger": trigger, **({"llm_twin/shard": shard} if shard else {})},
+                partition_key=run.data_type,
+                tags=tags,
                 run_config=run_config,
                 raise_on_error=False,
             )
             seconds = time.perf_counter() - started
             if not result.success:
-                failed.append(data_type_label)
-                err(f"[{number}/{total}] {data_type_label}: FAILED (run {result.run_id})")
+                failed.append(run.label)
+                err(f"[{number}/{total}] {run.label}: FAILED (run {result.run_id})")
                 continue
             summary = _materialization_summary(result)
-            print(f"[{number}/{total}] {data_type_label}: done in {seconds:.1f} s: {summary}")
+            print(f"[{number}/{total}] {run.label}: done in {seconds:.1f} s: {summary}")
     stop_reaper.set()
     if failed:
-        rerun = " (a failed shard alone: --type T --shard I/N)" if shards else ""
+        sharded = any(run.shard for run in runs)
+        rerun = " (a failed shard alone: --type T --shard I/N)" if sharded else ""
         err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI{rerun}")
         return 1
     return 0

@@ -123,7 +123,7 @@ def _search(request: dict) -> tuple[int, dict]:
     settings = Settings().model_copy(update={"embedding_service_url": None})
     if request.get("identity") != settings.search_identity():
         return 409, {"error": "this server searches another feature store or with other models"}
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    api_key = settings.qdrant_api_key_value()
     with _search_lock:
         try:
             store = open_feature_store(

@@ -223,8 +223,9 @@ class FeatureStore:
         self, collection: str, sparse: SparseVector, limit: int, author_id: str | None = None
     ) -> list[models.ScoredPoint]:
         """The best chunks by the BM25 sparse vector (Qdrant applies the IDF), each with its
-        dense vector (as `dense_vector(point)` reads it)."""
-        if not self.has_sparse_vectors(collection) or not sparse.indices:
+        dense vector (as `dense_vector(point)` reads it). The collection must have sparse
+        vectors (`has_sparse_vectors`: checked once per search session, not per query)."""
+        if not sparse.indices or not self.exists(collection):
             return []
         return self.client.query_points(
             collection,
