@@ -71,6 +71,24 @@ def test_stage_state_lives_next_to_the_warehouse(warehouse):
     assert warehouse.chunk_state("posts").ids() == {"a"}
 
 
+def test_digest_follows_the_content_not_the_write_order(warehouse):
+    """The sync ledger compares digests: equal content, equal digest; any edit, addition or
+    deletion, another digest."""
+    posts, articles = warehouse.documents("posts"), warehouse.documents("articles")
+    empty = posts.digest()
+    assert empty == articles.digest()
+    documents = [{"_id": str(i), "content": {"text": f"post {i}"}} for i in range(5)]
+    posts.replace_many(documents)
+    articles.replace_many(list(reversed(documents)))
+    assert posts.digest() == articles.digest() != empty
+    before = posts.digest()
+    posts.replace_many([{"_id": "3", "content": {"text": "post 3, edited"}}])
+    edited = posts.digest()
+    assert edited != before
+    posts.delete_many(["4"])
+    assert posts.digest() not in (before, edited)
+
+
 def test_unknown_collection_is_refused(warehouse):
     with pytest.raises(ValueError, match="unknown data type 'users'"):
         warehouse.documents("users")
