@@ -54,7 +54,8 @@ def search_type(
     mode: Mode = "hybrid",
     author_id: str | None = None,
 ) -> list[Hit]:
-    """The best `limit` chunks of one type."""
+    """The best `limit` chunks of one type; `mode` as `effective_mode` returns it (hybrid
+    needs the collection's sparse vectors)."""
     collection = vector_collection(data_type)
     candidates = max(limit, PREFETCH) if mode == "hybrid" else limit
     dense = store.search(collection, query_vector_dense, candidates, author_id)
