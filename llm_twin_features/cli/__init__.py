@@ -11,6 +11,7 @@ import sys
 from llm_twin_features.cli.audit import cmd_audit, cmd_status
 from llm_twin_features.cli.common import err
 from llm_twin_features.cli.documents import cmd_delete, cmd_ingest
+from llm_twin_features.cli.generations import cmd_generations
 from llm_twin_features.cli.pipeline import cmd_backfill
 from llm_twin_features.cli.search import cmd_search
 from llm_twin_features.cli.services import cmd_cdc, cmd_dev, cmd_serve_models
@@ -97,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="model server + Dagster UI, daemon and sensor")
     dev.add_argument("--port", type=int, default=3000)
     dev.set_defaults(handler=cmd_dev)
+
+    generations = commands.add_parser(
+        "generations",
+        help="the model generations of each type's vectors: serving, building, retired",
+    )
+    generations.add_argument("--type", choices=data_types())
+    generations.add_argument("--json", action="store_true", help="one JSON object per row")
+    generations.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the retired generations (neither serving nor the configured model's)",
+    )
+    generations.set_defaults(handler=cmd_generations)
 
     status = commands.add_parser("status", help="per-type counts and drift")
     status.add_argument("--json", action="store_true")

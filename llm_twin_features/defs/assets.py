@@ -23,11 +23,14 @@ from llm_twin_features.defs.resources import (
     WarehouseResource,
 )
 from llm_twin_features.domain.data_types import data_types
+from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.shards import Shard
-from llm_twin_features.pipeline import ledger
+from llm_twin_features.pipeline import generations, ledger
 from llm_twin_features.pipeline import stages as pipeline
 from llm_twin_features.pipeline.audit import AuditReport, audit
 from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
+from llm_twin_features.stores.feature_store import FeatureStore
+from llm_twin_features.stores.warehouse import Warehouse
 
 GROUP = "feature_pipeline"
 # A store that is briefly unreachable (or a Qdrant local folder held too long) fails the step
@@ -100,6 +103,9 @@ def _metadata(report: pipeline.StageReport, scope: str) -> dict:
         metadata["chunks"] = report.chunks
         metadata["model_id"] = report.model_id
     if report.stage == "embedded":
+        metadata["collection"] = report.collection
+        if report.serving:
+            metadata["serving_collection"] = report.serving
         metadata["vectors_embedded"] = report.vectors_embedded
         metadata["vectors_reused"] = report.vectors_reused
         metadata["chunks_per_second"] = dg.MetadataValue.float(round(report.chunks_per_second, 2))
@@ -229,7 +235,8 @@ def sync_features(
     started = time.perf_counter()
     data_type, scope = context.partition_key, config.document_ids
     selected = context.selected_asset_keys
-    embedder = EmbeddingDispatcher.embedder(data_type, embedding.settings())
+    settings = embedding.settings()
+    embedder = EmbeddingDispatcher.embedder(data_type, settings)
     max_chars = warehouse.max_document_chars
     shard = Shard.parse(config.shard) if config.shard else None
     if shard is not None and scope is not None:
@@ -271,10 +278,13 @@ def sync_features(
             )
             yield dg.MaterializeResult(asset_key=CHUNKED, metadata=_metadata(report, label))
         if EMBEDDED in selected:
+            query_instruction = EmbeddingDispatcher.query_instruction(data_type, settings)
             report = pipeline.embed_chunks(
-                state, store, data_type, embedder, scope, context.log.info
+                state, store, data_type, embedder, scope, context.log.info, query_instruction
             )
             drift = audit(state, store, data_type, embedder, max_chars, scope=scope)
+            if report.serving is not None and report.collection is not None:
+                _switch_when_complete(context, state, store, embedder, max_chars, drift, scope)
             checks = []
             if in_sync_check.key in context.selected_asset_check_keys:
                 checks.append(_check_result(drift, label))
@@ -299,6 +309,35 @@ def sync_features(
                 "chunks": drift.vectors,
             }
             ledger.record_mark(state, data_type, after, context.run_id, counts)
+
+
+def _switch_when_complete(
+    context: dg.AssetExecutionContext,
+    state: Warehouse,
+    store: FeatureStore,
+    embedder: Embedder,
+    max_chars: int,
+    drift: AuditReport,
+    scope: list[str] | None,
+) -> None:
+    """The configured model's generation takes over search once the audit of all of it is
+    clean (a scoped run audits the rest too: it may be the one that completes it)."""
+    data_type = context.partition_key
+    whole = drift if scope is None else audit(state, store, data_type, embedder, max_chars)
+    if not store.exists(whole.collection):  # nothing to embed yet: no document is valid
+        return
+    if not whole.in_sync:
+        context.log.info(
+            f"{data_type}: {whole.collection} is being built for model {embedder.signature} "
+            f"({whole.vectors} vectors, drift {whole.counts()}); the serving generation stays"
+        )
+        return
+    previous = generations.switch(store, data_type, whole.collection)
+    context.log.info(
+        f"{data_type}: vector_{data_type} switched from {previous} to {whole.collection} "
+        f"(model {embedder.signature}); {previous} is kept until `llm-twin-features "
+        "generations --prune`"
+    )
 
 
 def scoped_run_config(

@@ -11,11 +11,8 @@ from pydantic import ValidationError
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.models import PIPELINE_VERSION
 from llm_twin_features.domain.validation import DEFAULT_MAX_DOCUMENT_CHARS, admit
-from llm_twin_features.stores.feature_store import (
-    FeatureStore,
-    cleaned_collection,
-    vector_collection,
-)
+from llm_twin_features.pipeline import generations
+from llm_twin_features.stores.feature_store import FeatureStore, cleaned_collection
 from llm_twin_features.stores.warehouse import Warehouse
 
 EXAMPLES = 5
@@ -24,6 +21,7 @@ EXAMPLES = 5
 @dataclass
 class AuditReport:
     data_type: str
+    collection: str = ""  # the generation of the vectors audited
     warehouse_documents: int = 0
     quarantined: int = 0
     cleaned_points: int = 0
@@ -67,7 +65,9 @@ class AuditReport:
     def counts(self) -> dict[str, int]:
         data = asdict(self)
         return {
-            k: (len(v) if isinstance(v, list) else v) for k, v in data.items() if k != "data_type"
+            k: (len(v) if isinstance(v, list) else v)
+            for k, v in data.items()
+            if k not in ("data_type", "collection")
         }
 
     def examples(self) -> dict[str, list[str]]:
@@ -83,8 +83,12 @@ def audit(
     scope: list[str] | None = None,
 ) -> AuditReport:
     """Drift of the whole data type, or of the documents in `scope` only (what a run scoped
-    to those documents touched: its cost stays independent of the partition's size)."""
-    report = AuditReport(data_type)
+    to those documents touched: its cost stays independent of the partition's size). The
+    vectors audited are the configured model's generation (`generations.py`): after a model
+    change, the one being built, whose clean audit lets it take over search."""
+    report = AuditReport(
+        data_type, collection=generations.written(store, data_type, embedder.signature)
+    )
     fingerprints: dict[str, str] = {}  # the documents that must have features
     for document in warehouse.documents(data_type).find(scope):
         report.warehouse_documents += 1
@@ -115,7 +119,7 @@ def audit(
     # (content hash, pipeline version) of each document's vector points
     vector_stamps: dict[str, set[tuple[str, str]]] = defaultdict(set)
     wrong_model: set[str] = set()
-    for point in store.points(vector_collection(data_type), scope):
+    for point in store.points(report.collection, scope):
         payload = point.payload or {}
         document_id = payload.get("document_id", "")
         vectors[document_id].add((payload.get("chunk_index"), payload.get("chunk_id")))

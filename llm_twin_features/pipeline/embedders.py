@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 from llm_twin_features.domain.data_types import spec_of
 from llm_twin_features.domain.embedding import (
     Embedder,
@@ -46,11 +49,24 @@ class QueryEncoder:
     """The query vectors a search needs, per data type: one encode per distinct model and
     query instruction (the bundled model serves every type: one encode, not three)."""
 
-    def __init__(self, data_types: list[str], settings: Settings) -> None:
+    def __init__(
+        self,
+        data_types: list[str],
+        settings: Settings,
+        models: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        """`models`: type -> (model id, query instruction) for types whose vectors another
+        model than the configured one built (a model change not yet switched over)."""
         self._embedders = {t: EmbeddingDispatcher.embedder(t, settings) for t in data_types}
         self._instructions = {
             t: EmbeddingDispatcher.query_instruction(t, settings) or "" for t in data_types
         }
+        for data_type, (model_id, instruction) in (models or {}).items():
+            configured = self._embedders[data_type]
+            self._embedders[data_type] = dataclasses.replace(
+                configured, model_id=model_id, instruction=None
+            )
+            self._instructions[data_type] = instruction
         # Without a model server, a plain query to a BERT model is encoded in NumPy: the
         # first result comes seconds sooner than after importing torch (same vectors).
         self._light = not settings.embedding_service_url

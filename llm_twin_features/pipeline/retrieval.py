@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from llm_twin_features.domain.sparse import query_vector
-from llm_twin_features.pipeline.embedders import QueryEncoder
+from llm_twin_features.pipeline import generations
+from llm_twin_features.pipeline.embedders import EmbeddingDispatcher, QueryEncoder
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
@@ -130,7 +131,14 @@ class Searcher:
         self.store = store
         present = [t for t in data_types if store.exists(vector_collection(t))]
         self.mode = effective_mode(store, present, mode)
-        self.encoder = QueryEncoder(present, settings)
+        # Each type's queries are embedded by the model of the generation search reads.
+        models = {}
+        for data_type in present:
+            signature = EmbeddingDispatcher.embedder(data_type, settings).signature
+            model = generations.serving_model(store, data_type, signature)
+            if model is not None:
+                models[data_type] = model
+        self.encoder = QueryEncoder(present, settings, models)
 
     def __call__(self, query: str, limit: int, author_id: str | None = None) -> list[Hit]:
         vectors = self.encoder.vectors(query)

@@ -38,12 +38,13 @@ from llm_twin_features.domain.validation import (
     describe_error,
     validate,
 )
+from llm_twin_features.pipeline import generations
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
     Point,
     SparseVector,
     cleaned_collection,
-    vector_collection,
+    generation_collection,
 )
 from llm_twin_features.stores.warehouse import Warehouse
 
@@ -71,6 +72,8 @@ class StageReport:
     vectors_reused: int = 0
     seconds: float = 0.0
     model_id: str | None = None
+    collection: str | None = None  # the generation written (embedded stage)
+    serving: str | None = None  # the generation search reads, when it is another one
 
     @property
     def chunks_per_second(self) -> float:
@@ -121,7 +124,7 @@ def shard_scope(
     for all of them."""
     known = set(warehouse.documents(data_type).ids())
     known |= warehouse.raw_state(data_type).ids() | warehouse.chunk_state(data_type).ids()
-    for collection in (cleaned_collection(data_type), vector_collection(data_type)):
+    for collection in [cleaned_collection(data_type), *generations.all_of(store, data_type)]:
         known |= store.document_ids(collection)
     return sorted(entry_id for entry_id in known if shard.holds(entry_id))
 
@@ -328,13 +331,18 @@ def embed_chunks(
     embedder: Embedder,
     scope: list[str] | None = None,
     progress: Progress = _quiet,
+    query_instruction: str | None = None,
 ) -> StageReport:
-    """Embeds chunks into `vector_{type}`, reusing the vector of every unchanged chunk text."""
+    """Embeds chunks into the model's generation of `vector_{type}` (`generations.py`),
+    reusing the vector of every unchanged chunk text. `query_instruction` is recorded with a
+    new generation, for searches of it."""
     started = time.perf_counter()
     model_id = embedder.signature
-    report = StageReport("embedded", data_type, model_id=model_id)
+    generations.adopt_legacy(store, data_type)
+    collection = generation_collection(data_type, model_id)
+    serving = generations.serving(store, data_type)
+    report = StageReport("embedded", data_type, model_id=model_id, collection=collection)
     documents = stored_chunks(warehouse, data_type, scope)
-    collection = vector_collection(data_type)
     existing = {str(p.id): p.payload or {} for p in store.points(collection, scope)}
     by_document: dict[str, dict[str, str]] = defaultdict(dict)  # document -> chunk_id -> point
     for point_id, payload in existing.items():
@@ -365,7 +373,8 @@ def embed_chunks(
 
     gone = [pid for pid in existing if pid not in keep]
     if to_embed or to_copy:
-        store.ensure_vector_collection(data_type, embedder.dimension)
+        recorded = generations.metadata(embedder, query_instruction)
+        store.ensure_vector_collection(collection, embedder.dimension, recorded)
     copied = store.vectors(collection, sorted({source for _, source in to_copy}))
     store.upsert(collection, [_point(target, copied[source]) for target, source in to_copy])
     report.vectors_reused += len(to_copy)
@@ -407,6 +416,23 @@ def embed_chunks(
 
     store.delete_points(collection, gone)
     report.deleted = len(gone)
+    if serving is not None and serving != collection:
+        # Another model's generation serves until this one is complete: what left the
+        # warehouse leaves search now; edits and new documents come with the switch.
+        present = {document.entry_id for document in documents}
+        leaving = [
+            str(p.id)
+            for p in store.points(serving, scope)
+            if (p.payload or {}).get("document_id") not in present
+        ]
+        store.delete_points(serving, leaving)
+        report.serving = serving
+        progress(
+            f"embedded {data_type}: building {collection} for model {model_id} while {serving} "
+            f"serves; {len(leaving)} points of removed documents removed from it"
+        )
+    elif generations.publish_first(store, data_type, collection):
+        progress(f"embedded {data_type}: {collection} now serves as vector_{data_type}")
     report.seconds = time.perf_counter() - started
     progress(
         f"embedded {data_type}: {report.vectors_embedded} chunks embedded, "

@@ -1,8 +1,9 @@
 """The feature store (Qdrant): two snapshots per data type.
 
 `cleaned_{type}` holds one point per document, no vector, payload = the cleaned document (for
-fine-tuning datasets); `vector_{type}` one point per chunk with its embedding (for RAG). Point
-ids are deterministic, so every write is an idempotent upsert.
+fine-tuning datasets); `vector_{type}` one point per chunk with its embedding (for RAG), an
+alias of one model's generation (`pipeline/generations.py`). Point ids are deterministic, so
+every write is an idempotent upsert.
 
 With `QDRANT_URL` unset, qdrant-client's local mode stores the collections under the data dir.
 Local mode allows one process per folder: opening waits (bounded) for another process to let
@@ -20,7 +21,11 @@ from typing import Any
 
 from qdrant_client import QdrantClient, models
 
-from llm_twin_features.stores.feature_store_state import cleaned_collection, vector_collection
+from llm_twin_features.stores.feature_store_state import (
+    cleaned_collection,
+    generation_collection,
+    vector_collection,
+)
 
 __all__ = [
     "FeatureStore",
@@ -28,6 +33,7 @@ __all__ = [
     "SparseVector",
     "cleaned_collection",
     "dense_vector",
+    "generation_collection",
     "open_feature_store",
     "vector_collection",
 ]
@@ -102,7 +108,45 @@ class FeatureStore:
     # --- collections ---------------------------------------------------------------------------
 
     def exists(self, collection: str) -> bool:
-        return self.client.collection_exists(collection)
+        """Whether `collection` names a collection, or an alias of one."""
+        return self.client.collection_exists(collection) or collection in self.aliases()
+
+    def collections(self) -> list[str]:
+        """The names of every collection (not the aliases)."""
+        return sorted(c.name for c in self.client.get_collections().collections)
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> the collection it names."""
+        return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Makes `alias` name `collection`, in one atomic change of the aliases: a reader sees
+        the old collection or the new one, never none."""
+        operations: list[models.AliasOperations] = []
+        if alias in self.aliases():
+            operations.append(
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+            )
+        operations.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+            )
+        )
+        self.client.update_collection_aliases(change_aliases_operations=operations)
+
+    def delete_collection(self, collection: str) -> None:
+        self.client.delete_collection(collection)
+        self._tuned.discard(collection)
+
+    def metadata(self, collection: str) -> dict[str, Any]:
+        """What was stored with the collection when it was created (see `create_vector_...`)."""
+        name = self.aliases().get(collection, collection)
+        return dict(self.client.get_collection(name).config.metadata or {})
+
+    def dimension(self, collection: str) -> int | None:
+        name = self.aliases().get(collection, collection)
+        vectors = self.client.get_collection(name).config.params.vectors
+        return vectors.size if isinstance(vectors, models.VectorParams) else None
 
     def ensure_cleaned_collection(self, data_type: str) -> str:
         name = cleaned_collection(data_type)
@@ -111,41 +155,33 @@ class FeatureStore:
             self._index_payload(name)
         return name
 
-    def ensure_vector_collection(self, data_type: str, dimension: int) -> str:
-        """Creates `vector_{type}` (dense, cosine, plus the BM25 sparse vector); recreates it
-        when the model's dimension changed. A collection from before sparse vectors is
-        rebuilt with its dense vectors kept (Qdrant cannot add a sparse vector in place)."""
-        name = vector_collection(data_type)
-        if self.exists(name):
-            params = self.client.get_collection(name).config.params
-            dense_fits = (
-                isinstance(params.vectors, models.VectorParams) and params.vectors.size == dimension
-            )
-            if dense_fits and SPARSE_VECTOR in (params.sparse_vectors or {}):
-                return name
-            kept = list(self.points(name, with_vectors=True)) if dense_fits else []
-            self.client.delete_collection(name)
-            self._create_vector_collection(name, dimension)
-            points = [Point(str(r.id), r.payload or {}, dense_vector(r.vector)) for r in kept]
-            self.upsert(name, points)
-            return name
-        self._create_vector_collection(name, dimension)
+    def ensure_vector_collection(
+        self, name: str, dimension: int, metadata: dict[str, Any] | None = None
+    ) -> str:
+        """Creates the chunk collection `name` (dense, cosine, plus the BM25 sparse vector)
+        with `metadata` when it does not exist yet."""
+        if not self.exists(name):
+            self._create_vector_collection(name, dimension, metadata)
         return name
 
-    def _create_vector_collection(self, name: str, dimension: int) -> None:
+    def _create_vector_collection(
+        self, name: str, dimension: int, metadata: dict[str, Any] | None
+    ) -> None:
         self.client.create_collection(
             name,
             vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
             sparse_vectors_config={
                 SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)
             },
+            metadata=metadata,
         )
         self._index_payload(name)
 
     def has_sparse_vectors(self, collection: str) -> bool:
         if not self.exists(collection):
             return False
-        params = self.client.get_collection(collection).config.params
+        name = self.aliases().get(collection, collection)
+        params = self.client.get_collection(name).config.params
         return SPARSE_VECTOR in (params.sparse_vectors or {})
 
     def _index_payload(self, name: str) -> None:

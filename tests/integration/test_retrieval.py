@@ -1,6 +1,6 @@
 """Hybrid retrieval on a real Qdrant local store: dense and BM25 results fused by rank, the
 dense default vector still answering plain queries (the course retriever's), collections
-from before sparse vectors rebuilt with their dense vectors kept."""
+from before sparse vectors and generations adopted with their dense vectors kept."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from llm_twin_features.domain.sparse import document_vector
-from llm_twin_features.pipeline import retrieval
+from llm_twin_features.pipeline import generations, retrieval
 from llm_twin_features.stores.feature_store import (
     FeatureStore,
     Point,
     SparseVector,
+    dense_vector,
+    generation_collection,
     open_feature_store,
     vector_collection,
 )
@@ -38,7 +40,7 @@ QUERY = unit(1.0, 0.5, 0.0)
 @pytest.fixture
 def store(tmp_path: Path):
     store = open_feature_store(None, None, tmp_path)
-    store.ensure_vector_collection("posts", 3)
+    store.ensure_vector_collection(vector_collection("posts"), 3)
     store.upsert(
         vector_collection("posts"),
         [
@@ -81,7 +83,9 @@ def test_plain_dense_queries_use_the_default_vector(store: FeatureStore):
     assert store.has_sparse_vectors(vector_collection("posts"))
 
 
-def test_a_collection_from_before_sparse_vectors_is_rebuilt_keeping_its_vectors(tmp_path: Path):
+def test_a_collection_from_before_generations_is_adopted_keeping_its_vectors(tmp_path: Path):
+    """A `vector_posts` collection from before sparse vectors and generations becomes the
+    generation of its model, with sparse vectors, and `vector_posts` its alias."""
     store = open_feature_store(None, None, tmp_path)
     from qdrant_client import models
 
@@ -89,16 +93,19 @@ def test_a_collection_from_before_sparse_vectors_is_rebuilt_keeping_its_vectors(
     store.client.create_collection(
         name, vectors_config=models.VectorParams(size=3, distance=models.Distance.COSINE)
     )
-    store.upsert(name, [Point("00000000-0000-0000-0000-000000000001", {"k": 1}, DENSE["a"])])
+    payload = {"document_id": "a", "model_id": "old-model"}
+    store.upsert(name, [Point("00000000-0000-0000-0000-000000000001", payload, DENSE["a"])])
     assert not store.has_sparse_vectors(name)
     assert retrieval.effective_mode(store, ["posts"], "hybrid") == "dense"
 
-    store.ensure_vector_collection("posts", 3)
+    adopted = generations.adopt_legacy(store, "posts")
+    assert adopted == generation_collection("posts", "old-model")
+    assert store.aliases() == {name: adopted}
     assert store.has_sparse_vectors(name)
+    assert store.metadata(name)["model_id"] == "old-model"
     (kept,) = store.points(name, with_vectors=True)
-    assert kept.payload == {"k": 1}
+    assert kept.payload == payload
     # The dense vector alone (the sparse one is written by the next backfill's embed stage).
-    assert not isinstance(kept.vector, dict) or set(kept.vector) == {""}
-    dense = kept.vector[""] if isinstance(kept.vector, dict) else kept.vector
-    assert dense == pytest.approx(DENSE["a"], abs=1e-6)
+    assert dense_vector(kept.vector) == pytest.approx(DENSE["a"], abs=1e-6)
+    assert generations.adopt_legacy(store, "posts") is None
     store.close()

@@ -391,6 +391,8 @@ class RecordingQdrant(ThreadingHTTPServer):
                     body, status = {"title": "qdrant", "version": QDRANT_CLIENT_VERSION}, 200
                 elif path == "/collections":
                     body, status = {"result": {"collections": []}, "status": "ok"}, 200
+                elif path == "/aliases":
+                    body, status = {"result": {"aliases": []}, "status": "ok"}, 200
                 elif path.endswith("/exists"):
                     body, status = {"result": {"exists": False}, "status": "ok"}, 200
                 else:
