@@ -9,7 +9,9 @@
    corpus grown to 4x, to show that their cost follows the change, not the corpus.
 3. Freshness: the laptop stack (`dagster dev` + model server, as `make run` starts it);
    single events, publish -> the run covering it has finished (its vectors are in Qdrant);
-   then a burst of 500 insert events, publish -> every document embedded.
+   the same edit and delete synced by `backfill --ids` while the stack runs (it launches
+   through the stack's Dagster); then a burst of 500 insert events, publish -> every
+   document embedded.
 
 Results go to bench/.work/results.json and are printed as Markdown.
 """
@@ -302,6 +304,40 @@ def single_event_figures(latencies: list[float], breakdown: list[dict]) -> dict:
     }
 
 
+def bench_cli_through_stack(env: dict, singles: int) -> dict:
+    """One article edited and one post deleted, each synced by `backfill --type T --ids ID`
+    while the laptop stack runs: the command launches through the stack's Dagster. A few
+    seconds apart, as a user types them (back to back, a run may wait for the stack's next
+    run process to finish importing)."""
+    edits, deletes = [], []
+    for number in range(singles):
+        entry_id, _ = edit_one_article(env, 20 + number)
+        seconds, output = timed(env, "backfill", "--type", "articles", "--ids", entry_id)
+        assert "through the running stack" in output and re.search(r"\b[12] embedded", output)
+        edits.append(seconds)
+        time.sleep(3)
+        from llm_twin_features.stores.warehouse import open_warehouse
+
+        warehouse = open_warehouse(None, "twin", "twin_features", Path(env["LLM_TWIN_DATA_DIR"]))
+        post_id = sorted(warehouse.documents("posts").ids())[-1 - number]
+        warehouse.close()
+        subprocess.run(
+            [CLI, "delete", "--no-publish", "--type", "posts", post_id],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        seconds, output = timed(env, "backfill", "--type", "posts", "--ids", post_id)
+        assert "through the running stack" in output, output[-2000:]
+        deletes.append(seconds)
+        log(f"through the stack: edit {edits[-1]:.2f} s, delete {deletes[-1]:.2f} s")
+        time.sleep(3)
+    return {
+        "stack_cli_edit_one_article_seconds": percentile(edits, 0.5),
+        "stack_cli_delete_one_post_seconds": percentile(deletes, 0.5),
+    }
+
+
 def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
     import dagster as dg
 
@@ -343,9 +379,11 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
             )
             time.sleep(1 + number % 4)  # events land at every phase of the sensor loop
 
+        stack_cli = bench_cli_through_stack(env, singles=5)
+        log(json.dumps(stack_cli))
         if not burst:
             warehouse.close()
-            return single_event_figures(latencies, breakdown)
+            return {**single_event_figures(latencies, breakdown), **stack_cli}
         # The burst has the backfill corpus' mix of types (half posts, 40% articles, 10% code).
         documents = generate(burst // 2, burst * 2 // 5, burst // 10, seed=99)
         log(f"burst of {len(documents)} insert events")
@@ -369,6 +407,7 @@ def bench_freshness(env: dict, home: Path, singles: int, burst: int) -> dict:
     warehouse.close()
     return {
         **single_event_figures(latencies, breakdown),
+        **stack_cli,
         "burst_events": len(documents),
         "burst_chunks": burst_chunks,
         "burst_seconds": burst_seconds,

@@ -64,10 +64,12 @@ class Settings(BaseSettings):
     sensor_interval_seconds: int = 1
     sensor_max_events: int = 500
     sensor_time_budget_seconds: float = 10.0
-    # A tick waits this long for a first event (Dagster's sensor loop runs every 5 s at best).
-    sensor_long_poll_seconds: float = 4.0
-    # Once events flow, a tick keeps reading until none came for this long (bursts batch up).
-    sensor_settle_seconds: float = 0.3
+    # A tick waits this long for a first event. Dagster's sensor loop starts a tick every 5 s
+    # at best: a tick that waits for most of them leaves an event little time between ticks.
+    sensor_long_poll_seconds: float = 4.8
+    # Once events flow, a tick keeps reading until none came for this long (bursts batch up:
+    # a producer's burst comes milliseconds apart; each 0.1 s here is 0.1 s of every event).
+    sensor_settle_seconds: float = 0.1
 
     @cached_property
     def resolved_data_dir(self) -> Path:

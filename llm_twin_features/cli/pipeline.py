@@ -96,13 +96,20 @@ def run_pipeline(
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress;
     `force`: whole partitions run their stages even when unchanged since their last sync;
     `shards` ("I/N"): one run per shard of each whole partition instead."""
-    from llm_twin_features.runtime.local_stack import helper_model_server
+    from llm_twin_features.runtime.local_stack import helper_model_server, running_dagster_ui
 
     runs = [
         Run(data_type, ids, shard)
         for data_type, ids in scopes.items()
         for shard in (shards if shards and ids is None else [None])
     ]
+    # The laptop stack's runs when it runs: no Dagster import here, and no contention with
+    # its runs for the feature store.
+    ui_url = running_dagster_ui(settings, prepare_dagster_home(settings))
+    if ui_url is not None:
+        code = _run_through_stack(ui_url, runs, trigger, force)
+        if code is not None:
+            return code
     # The laptop stack's model server when it runs; else the model loads in a helper process
     # while Dagster is imported here.
     settings = with_running_model_server(settings)
@@ -186,14 +193,77 @@ class Run:
             return f"{len(self.document_ids)} documents"
         return "one shard" if self.shard else "whole partition"
 
+    def run_config_ops(self, force: bool) -> dict | None:
+        """The run's `ops` config; None: the whole partition, unforced (the job's default)."""
+        from llm_twin_features.defs.run_config import scope_ops
+
+        if self.document_ids is None and not force and not self.shard:
+            return None
+        return scope_ops(self.document_ids, force, self.shard)
+
+    def tags(self, trigger: str) -> dict[str, str]:
+        tags = {"llm_twin/trigger": trigger}
+        if self.shard:
+            tags["llm_twin/shard"] = self.shard
+        return tags
+
+
+def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> int | None:
+    """The runs launched through the running laptop stack's Dagster webserver, one after
+    the other, with the stages' progress; None when it cannot take them (its code location
+    not loaded yet): the caller runs them itself."""
+    from llm_twin_features.defs.run_config import FEATURE_PIPELINE_JOB, PARTITION_TAG
+    from llm_twin_features.runtime.ui_client import DagsterUi, UiError
+
+    ui = DagsterUi(url)
+    try:
+        location = ui.job_location(FEATURE_PIPELINE_JOB)
+    except UiError:
+        return None
+    if location is None:
+        return None
+    print(
+        f"{trigger}: through the running stack's Dagster at {url} (its run processes and "
+        "model server)",
+        flush=True,
+    )
+    failed = []
+    for number, run in enumerate(runs, start=1):
+        print(
+            f"[{number}/{len(runs)}] {run.label}: running {FEATURE_PIPELINE_JOB} ({run.scope})",
+            flush=True,
+        )
+        ops = run.run_config_ops(force)
+        started = time.perf_counter()
+        try:
+            run_id = ui.launch(
+                FEATURE_PIPELINE_JOB,
+                location,
+                {"ops": ops} if ops else {},
+                {PARTITION_TAG: run.data_type, **run.tags(trigger)},
+            )
+            finished = ui.wait(run_id, on_log=err)
+        except UiError as error:
+            failed.append(run.label)
+            err(f"[{number}/{len(runs)}] {run.label}: FAILED ({error})")
+            continue
+        seconds = time.perf_counter() - started
+        if not finished.success:
+            failed.append(run.label)
+            err(f"[{number}/{len(runs)}] {run.label}: {finished.status} (run {run_id})")
+            continue
+        summary = _summary(finished.materializations)
+        print(f"[{number}/{len(runs)}] {run.label}: done in {seconds:.1f} s: {summary}")
+    return _report_failures(runs, failed, trigger)
+
 
 def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool) -> int:
     home = prepare_dagster_home(settings)
     import dagster as dg
 
     from llm_twin_features.definitions import build_definitions
-    from llm_twin_features.defs.assets import FEATURE_STORE_POOL, scoped_run_config
-    from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB
+    from llm_twin_features.defs.assets import FEATURE_STORE_POOL
+    from llm_twin_features.defs.run_config import FEATURE_PIPELINE_JOB
     from llm_twin_features.runtime.dead_runs import release_dead_runs
 
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
@@ -222,17 +292,14 @@ def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool
                 flush=True,
             )
             run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-            if run.document_ids is not None or force or run.shard:
-                scope = scoped_run_config(run.document_ids, force, run.shard)
-                run_config["ops"] = scope.to_config_dict()["ops"]
-            tags = {"llm_twin/trigger": trigger}
-            if run.shard:
-                tags["llm_twin/shard"] = run.shard
+            ops = run.run_config_ops(force)
+            if ops:
+                run_config["ops"] = ops
             started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=run.data_type,
-                tags=tags,
+                tags=run.tags(trigger),
                 run_config=run_config,
                 raise_on_error=False,
             )
@@ -241,24 +308,34 @@ def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool
                 failed.append(run.label)
                 err(f"[{number}/{total}] {run.label}: FAILED (run {result.run_id})")
                 continue
-            summary = _materialization_summary(result)
+            summary = _summary(_materializations(result))
             print(f"[{number}/{total}] {run.label}: done in {seconds:.1f} s: {summary}")
     stop_reaper.set()
-    if failed:
-        sharded = any(run.shard for run in runs)
-        rerun = " (a failed shard alone: --type T --shard I/N)" if sharded else ""
-        err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI{rerun}")
-        return 1
-    return 0
+    return _report_failures(runs, failed, trigger)
 
 
-def _materialization_summary(result) -> str:
+def _report_failures(runs: list[Run], failed: list[str], trigger: str) -> int:
+    if not failed:
+        return 0
+    sharded = any(run.shard for run in runs)
+    rerun = " (a failed shard alone: --type T --shard I/N)" if sharded else ""
+    err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI{rerun}")
+    return 1
+
+
+def _materializations(result) -> dict[str, dict]:
+    """asset name -> the metadata of its materialization in an in-process run's result."""
     metadata = {}
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
         metadata[materialization.asset_key.to_user_string()] = {
             k: v.value for k, v in materialization.metadata.items()
         }
+    return metadata
+
+
+def _summary(metadata: dict[str, dict]) -> str:
+    """One line of a run's materializations (asset name -> metadata)."""
     embedded = metadata.get("embedded_chunks", {})
     raw = metadata.get("raw_documents", {})
     return (

@@ -22,6 +22,7 @@ from llm_twin_features.defs.resources import (
     FeatureStoreResource,
     WarehouseResource,
 )
+from llm_twin_features.defs.run_config import SYNC_OP
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.shards import Shard
@@ -117,7 +118,6 @@ CLEANED = dg.AssetKey("cleaned_documents")
 CHUNKED = dg.AssetKey("chunked_documents")
 EMBEDDED = dg.AssetKey("embedded_chunks")
 FEATURE_ASSET_KEYS = (RAW, CLEANED, CHUNKED, EMBEDDED)
-SYNC_OP = "sync_features"
 
 feature_specs = [
     dg.AssetSpec(

@@ -4,8 +4,8 @@ audit. The run launcher, the sensors and the CLI refer to them by these names.""
 import dagster as dg
 
 from llm_twin_features.defs import assets, checks
+from llm_twin_features.defs.run_config import FEATURE_PIPELINE_JOB
 
-FEATURE_PIPELINE_JOB = "feature_pipeline_job"
 WAREHOUSE_EVENTS_JOB = "warehouse_events_job"
 AUDIT_JOB = "audit_job"
 AUDIT_REPAIR_JOB = "audit_repair_job"

@@ -8,6 +8,7 @@ freshness benchmark. Children run in their own process groups and are stopped wi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,6 +67,8 @@ class LocalStack:
         self.model_port = model_port or 8765
         self.log = log
         self.processes: list[subprocess.Popen] = []
+        self.home = Path(dagster_home).resolve()
+        self.ui_record = ""  # what this stack published in `dagster_ui_file`
         self.env = {**os.environ, "DAGSTER_HOME": str(dagster_home), **(extra_env or {})}
         self.env["LLM_TWIN_DATA_DIR"] = str(settings.resolved_data_dir)
         self.env["VIRTUAL_ENV"] = sys.prefix  # `dg dev --use-active-venv`: this interpreter
@@ -101,6 +104,11 @@ class LocalStack:
                     "--port",
                     str(self.ui_port),
                 )
+                # `backfill` over the same data dir and Dagster home launches through it.
+                self.ui_record = json.dumps(
+                    {"url": f"http://127.0.0.1:{self.ui_port}", "dagster_home": str(self.home)}
+                )
+                dagster_ui_file(self.settings).write_text(self.ui_record)
         except BaseException:
             self.stop()
             raise
@@ -163,6 +171,9 @@ class LocalStack:
         published = model_server_file(self.settings)
         if published.exists() and published.read_text() == self.env.get("EMBEDDING_SERVICE_URL"):
             published.unlink(missing_ok=True)
+        ui = dagster_ui_file(self.settings)
+        if self.ui_record and ui.exists() and ui.read_text() == self.ui_record:
+            ui.unlink(missing_ok=True)
         for process in reversed(self.processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
@@ -179,6 +190,26 @@ class LocalStack:
 def model_server_file(settings: Settings) -> Path:
     """Where the laptop stack publishes its model server's URL, next to the stores it serves."""
     return settings.resolved_data_dir / "model_server.url"
+
+
+def dagster_ui_file(settings: Settings) -> Path:
+    """Where the laptop stack publishes its Dagster webserver's URL and Dagster home."""
+    return settings.resolved_data_dir / "dagster_ui.json"
+
+
+def running_dagster_ui(settings: Settings, dagster_home: Path, timeout: float = 0.5) -> str | None:
+    """The URL of the Dagster webserver of a laptop stack that runs over this data dir and
+    `dagster_home` (its runs are recorded where this process would record its own); None
+    when there is none, or it does not answer."""
+    try:
+        published = json.loads(dagster_ui_file(settings).read_text())
+        if Path(published["dagster_home"]).resolve() != Path(dagster_home).resolve():
+            return None
+        url = str(published["url"])
+        with urllib.request.urlopen(url + "/server_info", timeout=timeout) as response:
+            return url if response.status == 200 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def running_model_server(settings: Settings, timeout: float = 0.5) -> str | None:

@@ -52,6 +52,13 @@ def preload(serialized_origin: str) -> bool:
 
         dagster_private.prepare_run_execution()  # what `dagster api execute_run` imports
         dagster_private.load_code_location(serialized_origin)
+        from llm_twin_features.pipeline import stages
+
+        stages.warm_up()  # what the stages import on first use
+        if os.environ.get("DAGSTER_HOME"):  # what opening the run's instance imports
+            import dagster as dg
+
+            dg.DagsterInstance.get().dispose()
     except Exception as error:
         print(f"run worker: could not preload the code location: {error!r}", file=sys.stderr)
         return False

@@ -34,6 +34,7 @@ from llm_twin_features.runtime.dead_runs import PID_TAG, release_dead_runs
 from llm_twin_features.runtime.run_launcher import (
     LAUNCHED_BY_TAG,
     PRESTARTED,
+    READY_PROCESSES,
     PrestartedProcessRunLauncher,
     PrestartedRunProcess,
 )
@@ -79,9 +80,13 @@ def marker_run(instance, location: Path, pid_file: Path, **kwargs) -> dg.Dagster
     return create_run(instance, location, "marker_job", run_config=config, **kwargs)
 
 
+def ready_pids(launcher: PrestartedProcessRunLauncher) -> list[int]:
+    """The processes waiting for a run, the one the next run goes to first."""
+    return [process.pid for waiting in launcher._ready.values() for process in waiting]
+
+
 def ready_pid(launcher: PrestartedProcessRunLauncher) -> int:
-    (ready,) = launcher._ready.values()
-    return ready.pid
+    return ready_pids(launcher)[0]
 
 
 def wait_for_import(marker: Path, pid: int, timeout: float = 120) -> None:
@@ -101,10 +106,11 @@ def test_the_laptop_instance_uses_it(tmp_path):
 def test_runs_go_to_a_process_started_ahead_of_time(instance, location, tmp_path):
     launcher = instance.run_launcher
     launcher.prestart(repository(location).get_python_origin())
-    pids = []
+    pids, runs = [], []
     for number in range(2):
         waiting = ready_pid(launcher)
         run = marker_run(instance, location, tmp_path / f"pid{number}")
+        runs.append(run)
         instance.launch_run(run.run_id, workspace=None)  # the usual launch would need one
         finished = poll_for_finished_run(instance, run.run_id, timeout=120)
         assert finished.status == dg.DagsterRunStatus.SUCCESS
@@ -116,6 +122,12 @@ def test_runs_go_to_a_process_started_ahead_of_time(instance, location, tmp_path
     assert psutil.pid_exists(ready_pid(launcher))  # and the one after that waits
     launcher.join(timeout=60)  # its runs' processes ended and were waited for
     assert not any(psutil.pid_exists(pid) for pid in pids)
+    # Once a run has ended, a spare is started too: two wait, and the spare started after a
+    # run had ended, not beside the first one.
+    waiting = ready_pids(launcher)
+    assert len(waiting) == READY_PROCESSES and not set(waiting) & set(pids)
+    first_ended = instance.get_run_record_by_id(runs[0].run_id).end_time
+    assert psutil.Process(waiting[-1]).create_time() >= first_ended - 0.05
 
 
 def launch_with_a_code_server(instance, location: Path, pid_file: Path) -> dg.DagsterRun:
