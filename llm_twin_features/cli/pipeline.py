@@ -235,6 +235,7 @@ def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> 
         )
         ops = run.run_config_ops(force)
         started = time.perf_counter()
+        run_id = None
         try:
             run_id = ui.launch(
                 FEATURE_PIPELINE_JOB,
@@ -242,11 +243,16 @@ def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> 
                 {"ops": ops} if ops else {},
                 {PARTITION_TAG: run.data_type, **run.tags(trigger)},
             )
+            err(f"[{number}/{len(runs)}] {run.label}: run {url}/runs/{run_id}")
             finished = ui.wait(run_id, on_log=err)
         except UiError as error:
             failed.append(run.label)
             err(f"[{number}/{len(runs)}] {run.label}: FAILED ({error})")
             continue
+        except KeyboardInterrupt:  # the run is the stack's: it goes on
+            if run_id is not None:
+                err(f"stopped waiting; run {url}/runs/{run_id} goes on in the stack")
+            return 130
         seconds = time.perf_counter() - started
         if not finished.success:
             failed.append(run.label)
