@@ -181,6 +181,22 @@ def edit_one_article(env: dict, number: int) -> tuple[str, int]:
     return entry_id, len(paragraphs)
 
 
+def delete_one_post(env: dict, number: int) -> str:
+    """Deletes the `number`-th post (by id) from the warehouse with the CLI, not synced yet."""
+    from llm_twin_features.stores.warehouse import open_warehouse
+
+    warehouse = open_warehouse(None, "twin", "twin_features", Path(env["LLM_TWIN_DATA_DIR"]))
+    post_id = sorted(warehouse.documents("posts").ids())[number]
+    warehouse.close()
+    subprocess.run(
+        [CLI, "delete", "--no-publish", "--type", "posts", post_id],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return post_id
+
+
 def bench_small_changes(env: dict, rounds: int = 3) -> dict:
     """Medians over `rounds` of each small change, synced from the command line."""
     no_change, forced, edits, edit_runs, deletes = [], [], [], [], []
@@ -196,17 +212,7 @@ def bench_small_changes(env: dict, rounds: int = 3) -> dict:
         edits.append(seconds)
         edit_runs.append(float(re.findall(r"done in ([\d.]+) s", output)[-1]))
 
-        from llm_twin_features.stores.warehouse import open_warehouse
-
-        warehouse = open_warehouse(None, "twin", "twin_features", Path(env["LLM_TWIN_DATA_DIR"]))
-        post_id = sorted(warehouse.documents("posts").ids())[number]
-        warehouse.close()
-        subprocess.run(
-            [CLI, "delete", "--no-publish", "--type", "posts", post_id],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        post_id = delete_one_post(env, number)
         deletes.append(timed(env, "backfill", "--type", "posts", "--ids", post_id)[0])
         timed(env, "backfill")  # the next round starts from a recorded complete sync
     median = lambda values: percentile(values, 0.5)  # noqa: E731
@@ -316,17 +322,7 @@ def bench_cli_through_stack(env: dict, singles: int) -> dict:
         assert "through the running stack" in output and re.search(r"\b[12] embedded", output)
         edits.append(seconds)
         time.sleep(3)
-        from llm_twin_features.stores.warehouse import open_warehouse
-
-        warehouse = open_warehouse(None, "twin", "twin_features", Path(env["LLM_TWIN_DATA_DIR"]))
-        post_id = sorted(warehouse.documents("posts").ids())[-1 - number]
-        warehouse.close()
-        subprocess.run(
-            [CLI, "delete", "--no-publish", "--type", "posts", post_id],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        post_id = delete_one_post(env, -1 - number)
         seconds, output = timed(env, "backfill", "--type", "posts", "--ids", post_id)
         assert "through the running stack" in output, output[-2000:]
         deletes.append(seconds)
