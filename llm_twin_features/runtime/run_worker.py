@@ -1,13 +1,14 @@
 """A run process started before its run exists (see run_launcher.py).
 
-It imports Dagster and the code location, builds the repository and what executing a run needs,
-then waits on stdin for one line: the serialized `ExecuteRunArgs` of a run. It answers on its
-reply pipe "run", and executes the run exactly as `dagster api execute_run` does; or "stale"
-when a source file of the code location was edited after this process started (an edit never
-runs with old code), or "declined" when it could not prepare the run (the code location failed
-to load, or the Dagster private API it needs, dagster_private.py, changed): the launcher then
-starts that run the usual way, which reports a code location's error on the run. End of stdin
-(the launcher closed it, or its process is gone) or Ctrl-C while waiting ends it quietly.
+It imports Dagster and the code location, builds the repository and what executing a run needs
+(the stages' lazily imported libraries, the instance's storage), then waits on stdin for one
+line: the serialized `ExecuteRunArgs` of a run. It answers on its reply pipe "run", and executes
+the run exactly as `dagster api execute_run` does; or "stale" when a source file of the code
+location was edited after this process started (an edit never runs with old code), or "declined"
+when it could not prepare the run (the code location failed to load, or the Dagster private API
+it needs, dagster_private.py, changed): the launcher then starts that run the usual way, which
+reports a code location's error on the run. End of stdin (the launcher closed it, or its process
+is gone) or Ctrl-C while waiting ends it quietly.
 
 Usage: python -m llm_twin_features.runtime.run_worker SERIALIZED_REPOSITORY_ORIGIN REPLY_FD
 """
