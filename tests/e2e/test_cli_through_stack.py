@@ -53,6 +53,11 @@ def wait_for_stack(settings: Settings, home, timeout: float = 180) -> str:
 
 
 def test_backfill_launches_through_the_running_stack(data_dir, broker, tmp_path, monkeypatch):
+    # A command run in-process that finds the stack's model server leaves its URL in
+    # os.environ (for the runs it starts): recorded here as unset, so later tests start
+    # without it whatever happens.
+    monkeypatch.setenv("EMBEDDING_SERVICE_URL", "unset")
+    monkeypatch.delenv("EMBEDDING_SERVICE_URL")
     run_cli("ingest", "--no-publish", str(SAMPLE_CORPUS))
     home = tmp_path / "dagster_home"
     home.mkdir()
