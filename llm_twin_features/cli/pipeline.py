@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from llm_twin_features.cli.common import (
@@ -208,6 +208,31 @@ class Run:
         return tags
 
 
+# What executing one run gave: its materializations (asset name -> metadata), or None and
+# what to say about its failure.
+Outcome = tuple[dict[str, dict] | None, str]
+
+
+def _run_each(runs: list[Run], execute: Callable[[Run, str], Outcome]) -> list[str]:
+    """Executes the runs one after the other with a line before and after each; the labels
+    of those that failed."""
+    from llm_twin_features.defs.run_config import FEATURE_PIPELINE_JOB
+
+    failed = []
+    for number, run in enumerate(runs, start=1):
+        prefix = f"[{number}/{len(runs)}] {run.label}"
+        print(f"{prefix}: running {FEATURE_PIPELINE_JOB} ({run.scope})", flush=True)
+        started = time.perf_counter()
+        materializations, failure = execute(run, prefix)
+        if materializations is None:
+            failed.append(run.label)
+            err(f"{prefix}: {failure}")
+            continue
+        seconds = time.perf_counter() - started
+        print(f"{prefix}: done in {seconds:.1f} s: {_summary(materializations)}", flush=True)
+    return failed
+
+
 def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> int | None:
     """The runs launched through the running laptop stack's Dagster webserver, one after
     the other, with the stages' progress; None when it cannot take them (its code location
@@ -227,15 +252,10 @@ def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> 
         "model server)",
         flush=True,
     )
-    failed = []
-    for number, run in enumerate(runs, start=1):
-        print(
-            f"[{number}/{len(runs)}] {run.label}: running {FEATURE_PIPELINE_JOB} ({run.scope})",
-            flush=True,
-        )
+    launched: list[str] = []
+
+    def execute(run: Run, prefix: str) -> Outcome:
         ops = run.run_config_ops(force)
-        started = time.perf_counter()
-        run_id = None
         try:
             run_id = ui.launch(
                 FEATURE_PIPELINE_JOB,
@@ -243,23 +263,21 @@ def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> 
                 {"ops": ops} if ops else {},
                 {PARTITION_TAG: run.data_type, **run.tags(trigger)},
             )
-            err(f"[{number}/{len(runs)}] {run.label}: run {url}/runs/{run_id}")
+            launched.append(run_id)
+            err(f"{prefix}: run {url}/runs/{run_id}")
             finished = ui.wait(run_id, on_log=err)
         except UiError as error:
-            failed.append(run.label)
-            err(f"[{number}/{len(runs)}] {run.label}: FAILED ({error})")
-            continue
-        except KeyboardInterrupt:  # the run is the stack's: it goes on
-            if run_id is not None:
-                err(f"stopped waiting; run {url}/runs/{run_id} goes on in the stack")
-            return 130
-        seconds = time.perf_counter() - started
+            return None, f"FAILED ({error})"
         if not finished.success:
-            failed.append(run.label)
-            err(f"[{number}/{len(runs)}] {run.label}: {finished.status} (run {run_id})")
-            continue
-        summary = _summary(finished.materializations)
-        print(f"[{number}/{len(runs)}] {run.label}: done in {seconds:.1f} s: {summary}")
+            return None, f"{finished.status} (run {run_id})"
+        return finished.materializations, ""
+
+    try:
+        failed = _run_each(runs, execute)
+    except KeyboardInterrupt:  # the run is the stack's: it goes on
+        if launched:
+            err(f"stopped waiting; run {url}/runs/{launched[-1]} goes on in the stack")
+        return 130
     return _report_failures(runs, failed, trigger)
 
 
@@ -273,8 +291,6 @@ def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool
     from llm_twin_features.runtime.dead_runs import release_dead_runs
 
     job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
-    failed = []
-    total = len(runs)
     stop_reaper = threading.Event()
 
     def reap() -> None:
@@ -288,20 +304,12 @@ def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool
                     return
 
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        # Started once the instance (and its tables) exist: the reaper opens its own.
-        threading.Thread(target=reap, daemon=True, name="dead-run-reaper").start()
-        types = dict.fromkeys(run.data_type for run in runs)
-        print(f"{trigger}: {', '.join(types)} through the Dagster instance at {home}")
-        for number, run in enumerate(runs, start=1):
-            print(
-                f"[{number}/{total}] {run.label}: running {FEATURE_PIPELINE_JOB} ({run.scope})",
-                flush=True,
-            )
+
+        def execute(run: Run, prefix: str) -> Outcome:
             run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
             ops = run.run_config_ops(force)
             if ops:
                 run_config["ops"] = ops
-            started = time.perf_counter()
             result = job.execute_in_process(
                 instance=instance,
                 partition_key=run.data_type,
@@ -309,13 +317,15 @@ def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool
                 run_config=run_config,
                 raise_on_error=False,
             )
-            seconds = time.perf_counter() - started
             if not result.success:
-                failed.append(run.label)
-                err(f"[{number}/{total}] {run.label}: FAILED (run {result.run_id})")
-                continue
-            summary = _summary(_materializations(result))
-            print(f"[{number}/{total}] {run.label}: done in {seconds:.1f} s: {summary}")
+                return None, f"FAILED (run {result.run_id})"
+            return _materializations(result), ""
+
+        # Started once the instance (and its tables) exist: the reaper opens its own.
+        threading.Thread(target=reap, daemon=True, name="dead-run-reaper").start()
+        types = dict.fromkeys(run.data_type for run in runs)
+        print(f"{trigger}: {', '.join(types)} through the Dagster instance at {home}")
+        failed = _run_each(runs, execute)
     stop_reaper.set()
     return _report_failures(runs, failed, trigger)
 

@@ -22,7 +22,7 @@ from llm_twin_features.defs.resources import (
     FeatureStoreResource,
     WarehouseResource,
 )
-from llm_twin_features.defs.run_config import SYNC_OP
+from llm_twin_features.defs.run_config import SYNC_OP, scope_ops
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.domain.embedding import Embedder
 from llm_twin_features.domain.shards import Shard
@@ -344,9 +344,8 @@ def scoped_run_config(
     document_ids: list[str] | None, force: bool = False, shard: str | None = None
 ) -> dg.RunConfig:
     """Run config that scopes every stage to the given documents (None: all of them), or to
-    one shard of them."""
-    scope = ScopeConfig(document_ids=document_ids, force=force, shard=shard)
-    return dg.RunConfig(ops={SYNC_OP: scope})
+    one shard of them (`run_config.scope_ops`, which the CLI uses without Dagster)."""
+    return dg.RunConfig(ops=scope_ops(document_ids, force, shard))
 
 
 def run_scope(run_config: Mapping[str, Any] | None) -> list[str] | None:

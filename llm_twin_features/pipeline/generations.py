@@ -54,11 +54,16 @@ class Generation:
 
 def metadata(embedder: Embedder, query_instruction: str | None) -> dict[str, Any]:
     """What a generation records about its model: what search needs to embed queries for it."""
+    return _recorded(embedder.signature, embedder.model_id, query_instruction or "")
+
+
+def _recorded(signature: str, model_id: str, query_instruction: str, **more: str) -> dict:
     return {
-        "model_signature": embedder.signature,
-        "model_id": embedder.model_id,
-        "query_instruction": query_instruction or "",
+        "model_signature": signature,
+        "model_id": model_id,
+        "query_instruction": query_instruction,
         "created_at": datetime.now(UTC).isoformat(),
+        **more,
     }
 
 
@@ -122,13 +127,8 @@ def adopt_legacy(store: FeatureStore, data_type: str) -> str | None:
     recorded_model = str((first.payload or {}).get("model_id") or "") if first else ""
     signature = recorded_model or f"unrecorded-model-{dimension}d"
     target = generation_collection(data_type, signature)
-    recorded = {
-        "model_signature": signature,
-        "model_id": recorded_model.split("#", 1)[0],  # an instruction: `#instruction=...`
-        "query_instruction": "",
-        "created_at": datetime.now(UTC).isoformat(),
-        "adopted_from": alias,
-    }
+    model_id = recorded_model.split("#", 1)[0]  # an instruction is `#instruction=...`
+    recorded = _recorded(signature, model_id, "", adopted_from=alias)
     store.delete_collection(target)  # a copy cut short before
     store.ensure_vector_collection(target, dimension, recorded)
     batch: list[Point] = []

@@ -138,14 +138,18 @@ class FeatureStore:
         self.client.delete_collection(collection)
         self._tuned.discard(collection)
 
+    def _config(self, collection: str) -> models.CollectionConfig:
+        """The configuration of `collection`, or of the collection an alias of that name
+        names (resolved here: server mode's collection info is not read by alias)."""
+        name = self.aliases().get(collection, collection)
+        return self.client.get_collection(name).config
+
     def metadata(self, collection: str) -> dict[str, Any]:
         """What was stored with the collection when it was created (see `create_vector_...`)."""
-        name = self.aliases().get(collection, collection)
-        return dict(self.client.get_collection(name).config.metadata or {})
+        return dict(self._config(collection).metadata or {})
 
     def dimension(self, collection: str) -> int | None:
-        name = self.aliases().get(collection, collection)
-        vectors = self.client.get_collection(name).config.params.vectors
+        vectors = self._config(collection).params.vectors
         return vectors.size if isinstance(vectors, models.VectorParams) else None
 
     def ensure_cleaned_collection(self, data_type: str) -> str:
@@ -180,9 +184,7 @@ class FeatureStore:
     def has_sparse_vectors(self, collection: str) -> bool:
         if not self.exists(collection):
             return False
-        name = self.aliases().get(collection, collection)
-        params = self.client.get_collection(name).config.params
-        return SPARSE_VECTOR in (params.sparse_vectors or {})
+        return SPARSE_VECTOR in (self._config(collection).params.sparse_vectors or {})
 
     def _index_payload(self, name: str) -> None:
         if self.local:  # local mode scans payloads; indexes have no effect there
