@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     rabbitmq_password: SecretStr | None = None
     rabbitmq_vhost: str = BrokerConfig.vhost
     rabbitmq_queue: str = BrokerConfig.queue
+    # Change-event sensors taking turns on the queue (defs/sensors.py, `build_sensors`): with
+    # one, an event landing after a tick ended early waits up to 5 s for the next tick.
+    sensor_consumers: int = Field(default=2, ge=1)
     sensor_interval_seconds: int = 1
     sensor_max_events: int = 500
     sensor_time_budget_seconds: float = 10.0

@@ -34,11 +34,12 @@ def broker(monkeypatch: pytest.MonkeyPatch):
 
     import pika
 
-    from llm_twin_features.stores.queue import BrokerConfig
+    from llm_twin_features.stores.queue import BrokerConfig, close_kept_inboxes
 
     config = BrokerConfig(queue=f"test_events_{uuid.uuid4().hex[:10]}")
     monkeypatch.setenv("RABBITMQ_QUEUE", config.queue)
     yield config
+    close_kept_inboxes()  # the sensors' connections, evaluated in this process
     connection = pika.BlockingConnection(pika.ConnectionParameters(config.host, config.port))
     channel = connection.channel()
     channel.queue_delete(config.queue)

@@ -90,8 +90,8 @@ def prepare_dagster_home(settings: Settings) -> Path:
 
 def with_running_model_server(settings: Settings) -> Settings:
     """`settings`, pointed at the laptop stack's model server when one runs over the same data
-    dir and none is configured: a command then neither imports nor loads a model itself.
-    Runs started by this process (a backfill's) use it too (`EMBEDDING_SERVICE_URL`)."""
+    dir and none is configured: a command then neither imports nor loads a model itself. (The
+    runs a backfill starts read it from the environment: `model_server_in_environment`.)"""
     if settings.embedding_service_url:
         return settings
     from llm_twin_features.runtime.local_stack import running_model_server
@@ -99,5 +99,4 @@ def with_running_model_server(settings: Settings) -> Settings:
     url = running_model_server(settings)
     if url is None:
         return settings
-    os.environ["EMBEDDING_SERVICE_URL"] = url
     return settings.model_copy(update={"embedding_service_url": url})

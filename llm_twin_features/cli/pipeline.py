@@ -96,7 +96,11 @@ def run_pipeline(
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress;
     `force`: whole partitions run their stages even when unchanged since their last sync;
     `shards` ("I/N"): one run per shard of each whole partition instead."""
-    from llm_twin_features.runtime.local_stack import helper_model_server, running_dagster_ui
+    from llm_twin_features.runtime.local_stack import (
+        helper_model_server,
+        model_server_in_environment,
+        running_dagster_ui,
+    )
 
     runs = [
         Run(data_type, ids, shard)
@@ -115,7 +119,9 @@ def run_pipeline(
     settings = with_running_model_server(settings)
     if settings.embedding_service_url:
         print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
-    elif not _needs_model(settings, scopes):
+        with model_server_in_environment(settings.embedding_service_url):
+            return _run_pipeline(settings, runs, trigger, force)
+    if not _needs_model(settings, scopes):
         print(f"{trigger}: nothing to chunk or embed; no model needed", flush=True)
         return _run_pipeline(settings, runs, trigger, force)
     with helper_model_server(settings) as model_server:

@@ -348,11 +348,19 @@ def scoped_run_config(
     return dg.RunConfig(ops=scope_ops(document_ids, force, shard))
 
 
+def _scope_config(run_config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return (run_config or {}).get("ops", {}).get(SYNC_OP, {}).get("config", {})
+
+
 def run_scope(run_config: Mapping[str, Any] | None) -> list[str] | None:
     """The document ids a pipeline run's config scopes it to (None: the whole partition, or a
     shard of it, whose ids only its run computes)."""
-    ops = (run_config or {}).get("ops", {})
-    return ops.get(SYNC_OP, {}).get("config", {}).get("document_ids")
+    return _scope_config(run_config).get("document_ids")
+
+
+def run_shard(run_config: Mapping[str, Any] | None) -> str | None:
+    """The shard ("I/N") a pipeline run's config scopes it to, if any."""
+    return _scope_config(run_config).get("shard")
 
 
 @dg.definitions

@@ -4,14 +4,16 @@ A message is acked only once a run that covers it exists:
 1. the tick reads messages without acking them;
 2. new events are grouped per data type into a batch whose run key is a digest of its event
    ids; the batch goes into the sensor cursor as *pending* and its run is requested;
-3. the tick ends with those messages unacked, so RabbitMQ redelivers them;
+3. the tick ends with those messages unacked, held by the sensor's connection, which stays
+   open (`stores.queue.kept_inbox`): no other consumer gets them meanwhile;
 4. a later tick finds the pending batch's run in the instance, marks its events *covered*
-   and acks their redelivered messages. A pending batch whose run does not exist yet (the
-   daemon died before creating it) is requested again under the same run key.
-A crash anywhere leaves messages unacked, hence redelivered: at-least-once, and the runs
-are idempotent. A message without an event id (the original LLM Twin CDC's) gets one derived
-from its body (`schema.derived_event_id`), so its redelivery is recognised in step 4 too;
-two messages with the same body are one event.
+   and acks their messages (held, or redelivered if the connection was lost meanwhile). A
+   pending batch whose run does not exist yet (the daemon died before creating it) is
+   requested again under the same run key.
+A crash anywhere leaves messages unacked, hence redelivered once their connection is gone:
+at-least-once, and the runs are idempotent. A message without an event id (the original LLM
+Twin CDC's) gets one derived from its body (`schema.derived_event_id`), so its redelivery is
+recognised in step 4 too; two messages with the same body are one event.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def plan_tick(
     ack: list[int] = []
     dead_letter: list[tuple[Delivery, str]] = []
     new: dict[str, dict[str, ChangeEvent]] = {}
+    tags_of: dict[str, list[int]] = {}  # a new event's messages (two with one body: one event)
     for delivery in deliveries:
         try:
             event = parse_event(delivery.body)
@@ -103,14 +106,23 @@ def plan_tick(
             ack.append(delivery.delivery_tag)
         elif event.event_id not in pending_events:
             new.setdefault(event.type, {})[event.event_id] = event
+            tags_of.setdefault(event.event_id, []).append(delivery.delivery_tag)
 
+    new_events = 0
     for data_type, events in new.items():
         batch = Batch.of(data_type, list(events.values()))
+        if run_exists(batch.run_key):
+            # Another sensor's run covers exactly these events: their messages came back to
+            # the queue when its connection closed (e.g. its process restarted).
+            covered.extend(batch.event_ids)
+            ack.extend(tag for event_id in batch.event_ids for tag in tags_of[event_id])
+            continue
         pending[batch.run_key] = batch
+        new_events += len(events)
     return TickPlan(
         ack=ack,
         dead_letter=dead_letter,
         requests=list(pending.values()),
         cursor=SensorCursor(pending=pending, covered=covered[-COVERED_CAP:]),
-        new_events=sum(len(e) for e in new.values()),
+        new_events=new_events,
     )

@@ -224,6 +224,21 @@ def running_model_server(settings: Settings, timeout: float = 0.5) -> str | None
 
 
 @contextmanager
+def model_server_in_environment(url: str) -> Iterator[None]:
+    """`EMBEDDING_SERVICE_URL` set to `url` meanwhile: the runs this process starts read their
+    resources from the environment. Restored afterwards."""
+    previous = os.environ.get("EMBEDDING_SERVICE_URL")
+    os.environ["EMBEDDING_SERVICE_URL"] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("EMBEDDING_SERVICE_URL", None)
+        else:
+            os.environ["EMBEDDING_SERVICE_URL"] = previous
+
+
+@contextmanager
 def helper_model_server(settings: Settings) -> Iterator[str | None]:
     """A model server for one command (a backfill), started before the command's own work.
 
@@ -246,15 +261,10 @@ def helper_model_server(settings: Settings) -> Iterator[str | None]:
         stdout=subprocess.DEVNULL,  # its errors (stderr) stay visible
         start_new_session=True,  # Ctrl-C reaches the command, which stops it
     )
-    previous = os.environ.get("EMBEDDING_SERVICE_URL")
-    os.environ["EMBEDDING_SERVICE_URL"] = url
     try:
-        yield url
+        with model_server_in_environment(url):
+            yield url
     finally:
-        if previous is None:
-            os.environ.pop("EMBEDDING_SERVICE_URL", None)
-        else:
-            os.environ["EMBEDDING_SERVICE_URL"] = previous
         process.stdin.close()  # type: ignore[union-attr]
         process.kill()  # it keeps nothing: no need to wait for a graceful stop (seconds)
         process.wait()

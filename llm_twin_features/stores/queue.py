@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -236,7 +237,31 @@ class Delivery:
 
 
 class EventInbox(_Session):
-    """Reads events without acking them; the caller acks what is safely covered."""
+    """Reads events without acking them; the caller acks what is safely covered.
+
+    What it read and has not acked yet stays *held* on its connection: RabbitMQ gives those
+    messages to no other consumer until they are acked, or until the connection closes, when
+    they go back to the queue (redelivered). A consumer that keeps its inbox open from one read
+    to the next (`kept_inbox`) finds them again in `held`."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        super().__init__(config)
+        self.held: dict[int, Delivery] = {}  # by delivery tag, in the order read
+
+    def alive(self) -> bool:
+        """Whether its connection is still open; answers the broker's heartbeats on the way
+        (a connection closed by the broker, or dropped, shows here, not at the next read)."""
+        if self.connection is None or not self.connection.is_open:
+            return False
+        try:
+            self.connection.process_data_events(time_limit=0)
+        except pika.exceptions.AMQPError:
+            return False
+        return self.connection.is_open
+
+    def close(self) -> None:
+        self.held.clear()  # back in the queue with the connection gone
+        super().close()
 
     def drain(
         self, max_events: int, time_budget: float, wait: float = 0.0, settle: float = 0.0
@@ -258,7 +283,9 @@ class EventInbox(_Session):
                     self.connection.sleep(POLL_INTERVAL)  # keeps the connection serviced
                     continue
                 headers = properties.headers or {}
-                deliveries.append(Delivery(method.delivery_tag, body, method.redelivered, headers))
+                delivery = Delivery(method.delivery_tag, body, method.redelivered, headers)
+                deliveries.append(delivery)
+                self.held[delivery.delivery_tag] = delivery
                 quiet_until = time.monotonic() + settle
         return deliveries
 
@@ -266,6 +293,7 @@ class EventInbox(_Session):
         with self._broker_errors("acking"):
             for tag in delivery_tags:
                 self.channel.basic_ack(tag)
+                self.held.pop(tag, None)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Moves a poison message to the dead-letter queue with its reason, then acks it."""
@@ -279,3 +307,51 @@ class EventInbox(_Session):
         with self._broker_errors("reading the queue depth"):
             declared = self.channel.queue_declare(self.config.queue, passive=True)
         return declared.method.message_count
+
+
+# Inboxes kept open between uses, by consumer name and broker: see `kept_inbox`.
+_kept: dict[tuple[str, BrokerConfig], EventInbox] = {}
+_kept_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def kept_inbox(consumer: str, config: BrokerConfig) -> Iterator[EventInbox]:
+    """The inbox of `consumer` (a sensor), kept open from one use to the next in this process.
+
+    Between two uses, the messages it read and has not acked stay held on its connection
+    instead of going back to the queue, where another consumer (another sensor) would take
+    them for new. Any failure inside closes it: its held messages go back to the queue, and the
+    next use opens a new connection (a connection the broker dropped meanwhile too)."""
+    key = (consumer, config)
+    with _kept_lock:
+        inbox = _kept.pop(key, None)  # out of the registry while in use: one user at a time
+    if inbox is not None and not inbox.alive():
+        inbox.close()
+        inbox = None
+    if inbox is None:
+        inbox = EventInbox(config).__enter__()
+    try:
+        yield inbox
+    except BaseException:
+        inbox.close()
+        raise
+    with _kept_lock:
+        displaced = _kept.pop(key, None)  # opened by a concurrent use: one is enough
+        _kept[key] = inbox
+    if displaced is not None:
+        displaced.close()
+
+
+def held_messages(config: BrokerConfig) -> int:
+    """Messages of `config`'s queue that this process's kept inboxes hold (read, not acked)."""
+    with _kept_lock:
+        return sum(len(i.held) for (_, c), i in _kept.items() if c == config)
+
+
+def close_kept_inboxes() -> None:
+    """Closes every kept inbox of this process: their held messages go back to the queue."""
+    with _kept_lock:
+        inboxes = list(_kept.values())
+        _kept.clear()
+    for inbox in inboxes:
+        inbox.close()

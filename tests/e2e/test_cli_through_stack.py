@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import time
 
 import dagster as dg
@@ -53,11 +54,6 @@ def wait_for_stack(settings: Settings, home, timeout: float = 180) -> str:
 
 
 def test_backfill_launches_through_the_running_stack(data_dir, broker, tmp_path, monkeypatch):
-    # A command run in-process that finds the stack's model server leaves its URL in
-    # os.environ (for the runs it starts): recorded here as unset, so later tests start
-    # without it whatever happens.
-    monkeypatch.setenv("EMBEDDING_SERVICE_URL", "unset")
-    monkeypatch.delenv("EMBEDDING_SERVICE_URL")
     run_cli("ingest", "--no-publish", str(SAMPLE_CORPUS))
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -93,6 +89,9 @@ def test_backfill_launches_through_the_running_stack(data_dir, broker, tmp_path,
             ).splitlines()
         ]
         assert hits[0]["document_id"] == EDITED
+        # It used the stack's model server, and left no address of it in this process's
+        # environment (later in-process commands and tests would find a dead one there).
+        assert "EMBEDDING_SERVICE_URL" not in os.environ
         audit = json.loads(run_cli("audit", "--type", "posts", "--json"))
         assert audit["in_sync"] and audit["warehouse_documents"] == 31
 

@@ -33,12 +33,18 @@ from qdrant_client import QdrantClient, models
 from llm_twin_features import cli
 from llm_twin_features.defs.assets import run_scope
 from llm_twin_features.defs.jobs import WAREHOUSE_EVENTS_JOB
+from llm_twin_features.defs.sensors import EVENTS_SENSOR
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.events.schema import ChangeEvent
 from llm_twin_features.pipeline.embedders import EmbeddingDispatcher
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import Point
-from llm_twin_features.stores.queue import BrokerConfig, EventInbox, EventPublisher
+from llm_twin_features.stores.queue import (
+    BrokerConfig,
+    EventInbox,
+    EventPublisher,
+    close_kept_inboxes,
+)
 
 from ..conftest import STORE_VARIABLES, sample_documents
 from ..integration.test_sensor import SensorHarness, search_top, status
@@ -225,7 +231,7 @@ def test_original_cdc_events_after_our_sensor_declared_the_queue(sensor, broker,
     ingest([{"type": t, **d} for t, d in documents])
     idle = sensor.tick()  # our sensor is first: it declares the queue
     assert idle.run_requests == [] and "no new warehouse events" in idle.skip_message
-    sensor.cursor = idle.cursor
+    sensor.cursors[EVENTS_SENSOR] = idle.cursor
 
     published = [original_cdc_publish(broker, t, d) for t, d in documents]
     published.append(original_cdc_publish(broker, *documents[0]))  # the same insert twice
@@ -236,7 +242,9 @@ def test_original_cdc_events_after_our_sensor_declared_the_queue(sensor, broker,
     for request in first.run_requests:
         (entry_id,) = run_scope(request.run_config)
         assert entry_id == dict(documents)[request.partition_key]["_id"]
-    # The messages are redelivered while the runs do not exist yet: the same runs, no new one.
+    # The sensor's connection closes (its process restarted) while the runs do not exist yet:
+    # the messages are redelivered, and the same runs are requested, no new one.
+    close_kept_inboxes()
     again = sensor.tick()
     assert {r.run_key for r in again.run_requests} == {r.run_key for r in first.run_requests}
     results = sync_through_sensor(sensor)

@@ -182,6 +182,30 @@ def test_repair_skips_documents_that_runs_since_the_audit_cover(backfilled):
     assert drift["stale"] not in scope and drift["missing"] in scope
 
 
+def test_a_shard_run_since_the_audit_covers_its_shard_only(backfilled):
+    """A shard run (`backfill --shards N`) after the audit takes care of its shard's drifted
+    documents, not of the others: the repair still requests those. Before, a shard run
+    counted as covering the whole partition, and the others' drift waited for the next
+    audit."""
+    from llm_twin_features.domain.shards import Shard
+
+    make_drift()
+    defs = build_definitions()
+    audit_run = defs.resolve_job_def("audit_job").execute_in_process(instance=backfilled)
+    (evaluation,) = audit_run.get_asset_check_evaluations()
+    drifted = set(evaluation.metadata[REPAIR_IDS_KEY].value["articles"])
+    shard = Shard(0, 2)
+    assert {shard.holds(i) for i in drifted} == {True, False}  # drift in both shards
+    shard_run = defs.resolve_job_def("feature_pipeline_job").execute_in_process(
+        instance=backfilled,
+        partition_key="articles",
+        run_config=scoped_run_config(None, shard=str(shard)),
+    )
+    assert shard_run.success
+    scope = run_scope(repair_requests(defs, backfilled, audit_run)["articles"].run_config)
+    assert set(scope) == {i for i in drifted if not shard.holds(i)}
+
+
 def test_a_scoped_audit_looks_at_its_documents_only(backfilled):
     """The in-asset check of an event run audits the run's documents, not the partition."""
     from llm_twin_features.pipeline.audit import audit

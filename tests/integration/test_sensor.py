@@ -15,7 +15,14 @@ from llm_twin_features.definitions import build_definitions
 from llm_twin_features.defs.assets import run_scope
 from llm_twin_features.defs.jobs import FEATURE_PIPELINE_JOB, WAREHOUSE_EVENTS_JOB
 from llm_twin_features.defs.resources import EventBrokerResource
-from llm_twin_features.stores.queue import POISON_REASON_HEADER, EventInbox, EventPublisher
+from llm_twin_features.defs.sensors import EVENTS_SENSOR
+from llm_twin_features.stores.queue import (
+    POISON_REASON_HEADER,
+    EventInbox,
+    EventPublisher,
+    close_kept_inboxes,
+    held_messages,
+)
 
 from ..conftest import SAMPLE_CORPUS
 
@@ -27,10 +34,11 @@ class SensorHarness:
         self.instance = instance
         self.broker = broker
         self.defs = build_definitions()
-        self.sensor = self.defs.resolve_sensor_def("warehouse_events_sensor")
-        self.cursor: str | None = None
+        self.cursors: dict[str, str | None] = {}  # by sensor name, as the daemon keeps them
 
-    def tick(self, broker=None, cursor: str | None = ...) -> dg.SensorResult:
+    def tick(
+        self, broker=None, cursor: str | None = ..., sensor: str = EVENTS_SENSOR
+    ) -> dg.SensorResult:
         resources = self.defs.get_repository_def().get_top_level_resources()
         if broker is not None:
             resources = {
@@ -39,13 +47,13 @@ class SensorHarness:
             }
         context = dg.build_sensor_context(
             instance=self.instance,
-            cursor=self.cursor if cursor is ... else cursor,
+            cursor=self.cursors.get(sensor) if cursor is ... else cursor,
             definitions=self.defs,
             resources=resources,
         )
-        return self.sensor.evaluate_tick(context)
+        return self.defs.resolve_sensor_def(sensor).evaluate_tick(context)
 
-    def launch(self, result) -> list[str]:
+    def launch(self, result, sensor: str = EVENTS_SENSOR) -> list[str]:
         """What the daemon does with a tick's run requests."""
         job = self.defs.resolve_job_def(WAREHOUSE_EVENTS_JOB)
         run_ids = []
@@ -62,12 +70,13 @@ class SensorHarness:
             )
             assert outcome.success
             run_ids.append(outcome.run_id)
-        self.cursor = result.cursor
+        self.cursors[sensor] = result.cursor
         return run_ids
 
     def depth(self) -> int:
+        """Messages not acked yet: in the queue, or held by the sensors' open inboxes."""
         with EventInbox(self.broker) as inbox:
-            return inbox.depth()
+            return inbox.depth() + held_messages(self.broker)
 
 
 @pytest.fixture
@@ -135,7 +144,7 @@ def test_events_become_scoped_run_requests_and_are_acked_after_the_runs(harness)
     assert requests["posts"].tags["llm_twin/events"] == "2"
     assert requests["posts"].run_key.startswith("events-posts-")
     assert "llm_twin/oldest_event" in requests["posts"].tags
-    assert harness.depth() == 3  # read, not acked: the tick ended with them unacked
+    assert harness.depth() == 3  # read, not acked: the sensor holds them
 
     # Re-evaluating before the runs exist requests the same runs (a no-op for the daemon).
     again = harness.tick(cursor=first.cursor)
@@ -152,6 +161,58 @@ def test_events_become_scoped_run_requests_and_are_acked_after_the_runs(harness)
     assert "zebra-striped" in search_top("zebra-striped retrieval trick", "posts")["text"]
 
 
+def test_sensors_take_turns_and_never_take_each_others_events(harness):
+    """Two event sensors take turns on the queue (Dagster's daemon evaluates them one after
+    the other). The events one sensor read stay its own until their run exists, so the other,
+    ticking meanwhile, requests no second run for them; an event published meanwhile is the
+    other's. On the code before, a tick's unacked messages went back to the queue when it
+    ended, and the next tick of any sensor took them: the second sensor requested a second run
+    for the same events (and there was no second sensor)."""
+    second = f"{EVENTS_SENSOR}_2"
+    edit_posts(" Turn-taking marker: axolotl.")
+    first = harness.tick()
+    assert len(first.run_requests) == 1
+    assert harness.tick(sensor=second).run_requests == []  # before the run exists
+    assert len(harness.launch(first)) == 1
+    assert harness.tick(sensor=second).run_requests == []  # after
+
+    article = "0c67a2cb-603c-4616-b7a2-2873705bdd12"
+    assert cli.main(["delete", article, "--type", "articles"]) == 0
+    taken = harness.tick(sensor=second)  # the first sensor's tick has ended: the second's turn
+    assert [scope(r) for r in taken.run_requests] == [[article]]
+    assert len(harness.launch(taken, sensor=second)) == 1
+    assert harness.depth() == 3  # both runs exist; each sensor acks its own on its next tick
+    for sensor in (EVENTS_SENSOR, second, EVENTS_SENSOR, second):
+        assert harness.launch(harness.tick(sensor=sensor), sensor=sensor) == []
+    assert harness.depth() == 0
+    event_runs = harness.instance.get_runs(dg.RunsFilter(job_name=WAREHOUSE_EVENTS_JOB))
+    assert len(event_runs) == 2
+    assert "axolotl" in search_top("turn-taking marker axolotl", "posts")["text"]
+
+
+def test_a_sensor_process_gone_returns_its_held_events_to_the_queue(harness):
+    """The code server holding a sensor's open connection stops (or the broker drops that
+    connection) after a tick read events: they go back to the queue, and whichever sensor
+    ticks next covers them: by the pending batch in its cursor, or, for another sensor, by
+    the run that exists under the same run key (the same events). Nothing is lost, and no
+    second run is requested."""
+    edit_posts(" Restart marker: pangolin.")
+    first = harness.tick()
+    assert held_messages(harness.broker) == 2
+    close_kept_inboxes()  # the process is gone: its connection closes
+    assert held_messages(harness.broker) == 0 and harness.depth() == 2
+    assert [r.run_key for r in harness.tick().run_requests] == [
+        r.run_key for r in first.run_requests
+    ]  # redelivered, still pending in its cursor: the same run
+    harness.launch(first)
+    second = f"{EVENTS_SENSOR}_2"
+    close_kept_inboxes()
+    assert harness.tick(sensor=second).run_requests == []  # new to it, but their run exists
+    assert harness.depth() == 0
+    assert "pangolin" in search_top("restart marker pangolin", "posts")["text"]
+    assert status()["posts"]["in_sync"]
+
+
 def test_interrupted_tick_loses_no_event(harness):
     """The tick reads the events, then dies before any run is submitted (its result and
     cursor are lost). The next tick, from the last saved cursor, still covers every event."""
@@ -159,7 +220,7 @@ def test_interrupted_tick_loses_no_event(harness):
     lost = harness.tick()
     assert len(lost.run_requests) == 1  # ...and then the process dies: nothing submitted
 
-    retried = harness.tick()  # harness.cursor was never advanced
+    retried = harness.tick()  # the sensor's cursor was never advanced
     assert [r.run_key for r in retried.run_requests] == [r.run_key for r in lost.run_requests]
     harness.launch(retried)
     harness.launch(harness.tick())

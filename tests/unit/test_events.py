@@ -79,6 +79,21 @@ def test_redelivered_events_are_acked_once_their_run_exists():
     assert "e1" in done.cursor.covered
 
 
+def test_events_another_sensors_run_covers_are_acked_not_requested_again():
+    """A sensor's held messages went back to the queue (its connection closed) and another
+    sensor reads them: the run of exactly these events exists, so they are acked."""
+    deliveries = [
+        delivery(3, event("e1").model_dump(mode="json")),
+        delivery(4, event("e1").model_dump(mode="json")),  # the same event published twice
+        delivery(5, event("e2", "articles", "a1").model_dump(mode="json")),
+    ]
+    theirs = Batch.of("posts", [event("e1")]).run_key
+    plan = plan_tick(deliveries, SensorCursor(), run_exists=lambda key: key == theirs)
+    assert sorted(plan.ack) == [3, 4] and plan.new_events == 1
+    assert [b.data_type for b in plan.requests] == ["articles"]
+    assert "e1" in plan.cursor.covered and theirs not in plan.cursor.pending
+
+
 def test_interrupted_tick_loses_nothing():
     """A tick whose result is lost (crash before run submission) leaves messages unacked;
     the next tick, from the last saved cursor, requests the same run."""
