@@ -28,7 +28,7 @@ warehouse_events_job = dg.define_asset_job(
     WAREHOUSE_EVENTS_JOB,
     selection=PIPELINE_SELECTION,
     description="Near-real-time sync: the four stages for the document ids of a batch of "
-    "warehouse change events (requested by warehouse_events_sensor).",
+    "warehouse change events (requested by the warehouse_events_sensor sensors).",
     tags={"llm_twin/trigger": "events"},
 )
 audit_repair_job = dg.define_asset_job(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import dagster as dg
 import pytest
@@ -211,6 +212,24 @@ def test_a_sensor_process_gone_returns_its_held_events_to_the_queue(harness):
     assert harness.depth() == 0
     assert "pangolin" in search_top("restart marker pangolin", "posts")["text"]
     assert status()["posts"]["in_sync"]
+
+
+def test_a_connection_the_broker_dropped_between_ticks_is_reopened_by_the_next(harness):
+    """The broker drops a sensor's kept connection between two of its ticks (a broker
+    restart, a heartbeat timeout): the next tick opens a new one at once instead of failing
+    on the dead one (a skipped tick), and the events the old one held come back to it."""
+    from ..e2e.test_faults import drop_connections
+
+    edit_posts(" Dropped-between-ticks marker: tapir.")
+    first = harness.tick()
+    assert held_messages(harness.broker) == 2
+    assert drop_connections([os.getpid()], harness.broker.port) == 1
+    again = harness.tick()
+    assert "RabbitMQ" not in (again.skip_message or "")
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]
+    harness.launch(again)
+    harness.launch(harness.tick())
+    assert harness.depth() == 0
 
 
 def test_interrupted_tick_loses_no_event(harness):
