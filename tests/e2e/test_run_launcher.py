@@ -106,12 +106,13 @@ def test_the_laptop_instance_uses_it(tmp_path):
 def test_runs_go_to_a_process_started_ahead_of_time(instance, location, tmp_path):
     launcher = instance.run_launcher
     launcher.prestart(repository(location).get_python_origin())
-    pids, runs = [], []
+    pids = []
     for number in range(2):
         waiting = ready_pid(launcher)
         run = marker_run(instance, location, tmp_path / f"pid{number}")
-        runs.append(run)
         instance.launch_run(run.run_id, workspace=None)  # the usual launch would need one
+        if number == 0:  # one started for the next run; no spare beside this one
+            assert len(ready_pids(launcher)) == 1
         finished = poll_for_finished_run(instance, run.run_id, timeout=120)
         assert finished.status == dg.DagsterRunStatus.SUCCESS
         assert (tmp_path / f"pid{number}").read_text() == str(waiting)  # it ran the step
@@ -122,12 +123,11 @@ def test_runs_go_to_a_process_started_ahead_of_time(instance, location, tmp_path
     assert psutil.pid_exists(ready_pid(launcher))  # and the one after that waits
     launcher.join(timeout=60)  # its runs' processes ended and were waited for
     assert not any(psutil.pid_exists(pid) for pid in pids)
-    # Once a run has ended, a spare is started too: two wait, and the spare started after a
-    # run had ended, not beside the first one.
+    # Once a run has ended, a spare is started too: two wait. (Not checked by comparing
+    # process start times with the run's end: psutil derives them from the boot time, which
+    # the kernel gives in whole seconds, and one such check was 0.3 s off.)
     waiting = ready_pids(launcher)
     assert len(waiting) == READY_PROCESSES and not set(waiting) & set(pids)
-    first_ended = instance.get_run_record_by_id(runs[0].run_id).end_time
-    assert psutil.Process(waiting[-1]).create_time() >= first_ended - 0.05
 
 
 def launch_with_a_code_server(instance, location: Path, pid_file: Path) -> dg.DagsterRun:
