@@ -166,9 +166,9 @@ def test_sensors_take_turns_and_never_take_each_others_events(harness):
     """Two event sensors take turns on the queue (Dagster's daemon evaluates them one after
     the other). The events one sensor read stay its own until their run exists, so the other,
     ticking meanwhile, requests no second run for them; an event published meanwhile is the
-    other's. On the code before, a tick's unacked messages went back to the queue when it
-    ended, and the next tick of any sensor took them: the second sensor requested a second run
-    for the same events (and there was no second sensor)."""
+    other's. On the code before there was one sensor, and a tick's unacked messages went back
+    to the queue when it ended: a second sensor ticking next would have taken them for new
+    events and requested a second run."""
     second = f"{EVENTS_SENSOR}_2"
     edit_posts(" Turn-taking marker: axolotl.")
     first = harness.tick()
