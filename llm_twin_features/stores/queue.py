@@ -309,9 +309,14 @@ class EventInbox(_Session):
         return declared.method.message_count
 
 
-# Inboxes kept open between uses, by consumer name and broker: see `kept_inbox`.
-_kept: dict[tuple[str, BrokerConfig], EventInbox] = {}
+# Inboxes kept open between uses, by consumer name and broker, with when each was last used:
+# see `kept_inbox`.
+_kept: dict[tuple[str, BrokerConfig], tuple[EventInbox, float]] = {}
 _kept_lock = threading.Lock()
+# A kept inbox unused for this long is closed by the next use of another one: its consumer
+# stopped (a sensor switched off), and the messages it held go back to the queue for the
+# others, instead of waiting for the broker to drop its silent connection (minutes).
+KEPT_IDLE_SECONDS = 30.0
 
 
 @contextlib.contextmanager
@@ -323,8 +328,13 @@ def kept_inbox(consumer: str, config: BrokerConfig) -> Iterator[EventInbox]:
     them for new. Any failure inside closes it: its held messages go back to the queue, and the
     next use opens a new connection (a connection the broker dropped meanwhile too)."""
     key = (consumer, config)
+    now = time.monotonic()
     with _kept_lock:
-        inbox = _kept.pop(key, None)  # out of the registry while in use: one user at a time
+        inbox, _ = _kept.pop(key, (None, now))  # out of the registry while in use: one user
+        idle = [k for k, (_, used) in _kept.items() if now - used > KEPT_IDLE_SECONDS]
+        abandoned = [_kept.pop(k)[0] for k in idle]
+    for other in abandoned:
+        other.close()
     if inbox is not None and not inbox.alive():
         inbox.close()
         inbox = None
@@ -337,21 +347,21 @@ def kept_inbox(consumer: str, config: BrokerConfig) -> Iterator[EventInbox]:
         raise
     with _kept_lock:
         displaced = _kept.pop(key, None)  # opened by a concurrent use: one is enough
-        _kept[key] = inbox
+        _kept[key] = (inbox, time.monotonic())
     if displaced is not None:
-        displaced.close()
+        displaced[0].close()
 
 
 def held_messages(config: BrokerConfig) -> int:
     """Messages of `config`'s queue that this process's kept inboxes hold (read, not acked)."""
     with _kept_lock:
-        return sum(len(i.held) for (_, c), i in _kept.items() if c == config)
+        return sum(len(inbox.held) for (_, c), (inbox, _) in _kept.items() if c == config)
 
 
 def close_kept_inboxes() -> None:
     """Closes every kept inbox of this process: their held messages go back to the queue."""
     with _kept_lock:
-        inboxes = list(_kept.values())
+        inboxes = [inbox for inbox, _ in _kept.values()]
         _kept.clear()
     for inbox in inboxes:
         inbox.close()

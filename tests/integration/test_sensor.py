@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import dagster as dg
 import pytest
@@ -212,6 +213,25 @@ def test_a_sensor_process_gone_returns_its_held_events_to_the_queue(harness):
     assert harness.depth() == 0
     assert "pangolin" in search_top("restart marker pangolin", "posts")["text"]
     assert status()["posts"]["in_sync"]
+
+
+def test_a_stopped_sensors_held_events_go_to_the_other_one(harness, monkeypatch):
+    """A sensor switched off in the UI ticks no more, with the events it read held on its
+    open connection. The other sensor's first tick after `KEPT_IDLE_SECONDS` closes that
+    connection: the events go back to the queue, and it acks them (their run exists) rather
+    than leaving them until the broker drops the silent connection, minutes later."""
+    from llm_twin_features.stores import queue
+
+    monkeypatch.setattr(queue, "KEPT_IDLE_SECONDS", 0.5)
+    second = f"{EVENTS_SENSOR}_2"
+    edit_posts(" Stopped-sensor marker: okapi.")
+    first = harness.tick()
+    assert harness.tick(sensor=second).run_requests == []  # moments later: the first's
+    harness.launch(first)  # ...and the first sensor is switched off: it ticks no more
+    time.sleep(0.6)
+    assert harness.tick(sensor=second).run_requests == []
+    assert harness.depth() == 0
+    assert len(harness.instance.get_runs(dg.RunsFilter(job_name=WAREHOUSE_EVENTS_JOB))) == 1
 
 
 def test_a_connection_the_broker_dropped_between_ticks_is_reopened_by_the_next(harness):
