@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ class EmbeddedCollection:
             )
             try:
                 if write:
-                    connection.execute("PRAGMA journal_mode=WAL")
+                    self._write_ahead_log(connection)
                     connection.execute(
                         "CREATE TABLE IF NOT EXISTS documents"
                         "(k text NOT NULL, v text NOT NULL, PRIMARY KEY(k))"
@@ -166,6 +167,20 @@ class EmbeddedCollection:
                     else "; check that the file is readable and not damaged"
                 )
             ) from error
+
+    def _write_ahead_log(self, connection: sqlite3.Connection) -> None:
+        """Puts the file in WAL mode (readers never wait for a writer). SQLite does not wait
+        for another connection's lock on this statement (no busy timeout): two writers of a
+        new file at once got `database is locked` at once, so it is retried here."""
+        deadline = time.monotonic() + self.TIMEOUT_SECONDS
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _rows(self, ids: Iterable[str] | None) -> Iterator[tuple[Any, Any]]:
         with self._connection() as connection:

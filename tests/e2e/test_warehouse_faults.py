@@ -144,6 +144,30 @@ def test_two_writers_of_the_same_ids_both_succeed_and_the_last_write_wins(
         assert len({t.split(" ", 1)[0] for t in texts.values()}) == 1
 
 
+def test_a_write_to_a_new_collection_waits_for_another_writers_lock(data_dir: Path):
+    """Another connection holds a write transaction on a new collection's file (the first
+    of two writers to create it). SQLite answers the switch to WAL mode with `database is
+    locked` at once, without waiting as it does for writes: the test above failed so in one
+    CI run. Must hold: the write waits for the lock like any other write, then succeeds."""
+    import threading
+
+    path = data_dir / "warehouse" / "twin" / "posts.collection"
+    path.parent.mkdir(parents=True)
+    first = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    first.execute("CREATE TABLE documents(k text NOT NULL, v text NOT NULL, PRIMARY KEY(k))")
+    first.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.5, lambda: first.execute("COMMIT"))
+    release.start()
+    warehouse = open_warehouse(None, "twin", "twin_features", data_dir)
+    try:
+        warehouse.documents("posts").replace_many([post("p1", "after the lock")])
+    finally:
+        release.join()
+        first.close()
+        warehouse.close()
+    assert stored_posts(data_dir) == {"p1": "after the lock"}
+
+
 # --- 2. documents that poisoned their type --------------------------------------------------
 
 
