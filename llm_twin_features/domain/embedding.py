@@ -1,11 +1,13 @@
 """Embedding models: one instance per process and model, batched encoding.
 
-INSTRUCTOR checkpoints (e.g. `hkunlp/instructor-xl`) run through sentence-transformers itself:
-the instruction is passed as the `prompt` and the pooling layer is told to leave the prompt's
+A plain BERT sentence-transformer (the bundled all-MiniLM-L6-v2 among them) runs from its own
+files in torch (`plain_bert.TorchBert`): the same vectors, without importing
+sentence-transformers (4-8 s of every model load). Other models run through
+sentence-transformers. INSTRUCTOR checkpoints (e.g. `hkunlp/instructor-xl`) do too: the
+instruction is passed as the `prompt` and the pooling layer is told to leave the prompt's
 tokens out (`set_pooling_include_prompt(False)`), which is what the INSTRUCTOR package did.
 The InstructorEmbedding package is not used: its last release fails with current
-sentence-transformers.
-"""
+sentence-transformers."""
 
 from __future__ import annotations
 
@@ -21,9 +23,8 @@ from llm_twin_features.domain.models import content_hash
 
 if TYPE_CHECKING:
     import numpy as np
-    from sentence_transformers import SentenceTransformer
 
-_models: dict[str, SentenceTransformer] = {}
+_models: dict[str, Any] = {}  # a TorchBert or a SentenceTransformer
 _query_models: dict[str, Any] = {}
 _lock = threading.Lock()
 _parallel_encode_lock = threading.Lock()
@@ -41,32 +42,45 @@ def resolve_model_path(model_id: str) -> str:
     return model_id
 
 
-def load_local_model(model_id: str) -> SentenceTransformer:
-    """The process-wide instance of `model_id`, loaded on first use."""
+def load_local_model(model_id: str) -> Any:
+    """The process-wide instance of `model_id`, loaded on first use: a plain BERT model from
+    its own files in torch (`plain_bert.TorchBert`, seconds sooner, same vectors), any other
+    through sentence-transformers."""
     with _lock:
         if model_id not in _models:
             path = resolve_model_path(model_id)
-            from sentence_transformers import SentenceTransformer
-
-            # A local directory needs no hub: a missing file must not trigger a download.
-            # The device is sentence-transformers' choice: CUDA when there is one.
-            model = SentenceTransformer(path, local_files_only=os.path.isdir(path))
-            # Instruction tokens never count in the pooled vector (INSTRUCTOR behaviour);
-            # encoding without a prompt is unaffected.
-            model.set_pooling_include_prompt(False)
-            _models[model_id] = model
+            _models[model_id] = _load(path)
         return _models[model_id]
 
 
+def _load(path: str) -> Any:
+    if os.path.isdir(path):
+        from llm_twin_features.domain import plain_bert
+
+        plain = plain_bert.load_torch(path)
+        if plain is not None:
+            return plain
+    from sentence_transformers import SentenceTransformer
+
+    # A local directory needs no hub: a missing file must not trigger a download.
+    # The device is sentence-transformers' choice: CUDA when there is one.
+    model = SentenceTransformer(path, local_files_only=os.path.isdir(path))
+    # Instruction tokens never count in the pooled vector (INSTRUCTOR behaviour); encoding
+    # without a prompt is unaffected.
+    model.set_pooling_include_prompt(False)
+    return model
+
+
 def load_query_model(model_id: str) -> Any | None:
-    """`model_id` in NumPy (`numpy_bert`) when it is a local BERT sentence-transformer, for
-    processes that only embed a few queries; None: use `load_local_model`. Cached."""
+    """`model_id` in NumPy (`plain_bert.NumpyBert`) when it is a local BERT
+    sentence-transformer, for processes that only embed a few queries; None: use
+    `load_local_model`. Cached."""
     with _lock:
         if model_id not in _query_models:
-            from llm_twin_features.domain import numpy_bert
+            from llm_twin_features.domain import plain_bert
 
             path = resolve_model_path(model_id)
-            _query_models[model_id] = numpy_bert.load(path) if os.path.isdir(path) else None
+            _query_models[model_id] = plain_bert.load_numpy(path) if os.path.isdir(path) else None
         return _query_models[model_id]
 
 
@@ -134,13 +148,14 @@ class Embedder:
     instruction: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = 1  # parallel encode workers for a local model on a CPU (see `encode`)
-    # model id -> model: a local SentenceTransformer by default; the model server's client
+    # model id -> model: a local one (`load_local_model`) by default; the model server's client
     # (`stores/model_client.py`) offers the same interface.
     loader: Callable[[str], Any] = load_local_model
 
     @cached_property
     def model(self) -> Any:
-        """A SentenceTransformer, or a `RemoteModel` with the same interface."""
+        """A local model (TorchBert or SentenceTransformer), or a `RemoteModel`: the same
+        interface."""
         return self.loader(self.model_id)
 
     @property
