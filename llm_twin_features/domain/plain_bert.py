@@ -197,7 +197,7 @@ class TorchBert:
             prefix = f"encoder.layer.{layer}.attention.self"
             for part in ("weight", "bias"):
                 weights[f"{prefix}.qkv.{part}"] = torch.cat(
-                    [weights[f"{prefix}.{name}.{part}"] for name in ("query", "key", "value")]
+                    [weights.pop(f"{prefix}.{name}.{part}") for name in ("query", "key", "value")]
                 )
         self.weights = weights
         self.tokenizer = TokenizerCall(model.tokenizer(truncate=False))
