@@ -31,6 +31,10 @@ import numpy as np
 TRANSFORMER = "sentence_transformers.models.Transformer"
 POOLING = "sentence_transformers.models.Pooling"
 NORMALIZE = "sentence_transformers.models.Normalize"
+FLOAT = ("F", "BF")  # safetensors' floating dtypes: F16, BF16, F32, F64
+BERT_PREFIX = "bert."  # the tensors' prefix in checkpoints saved from a BertModel wrapper
+# sentence_bert_config.json keys that change what the Transformer module does (beyond these two)
+SENTENCE_BERT_KEYS = {"max_seq_length", "do_lower_case"}
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -66,9 +70,7 @@ class PlainBert:
     def weights(self, load_file: Callable[[str], dict]) -> dict:
         """The encoder's tensors by name, with or without the `bert.` prefix in the file."""
         weights = load_file(str(self.directory / "model.safetensors"))
-        if not any(key.startswith("embeddings.") for key in weights):
-            weights = {k.split(".", 1)[1]: v for k, v in weights.items()}
-        return weights
+        return {key.removeprefix(BERT_PREFIX): value for key, value in weights.items()}
 
     def tokenizer(self, truncate: bool) -> Any:
         """The model's own fast tokenizer; `truncate`: at the model's input length."""
@@ -192,7 +194,7 @@ class TorchBert:
         self.layers = int(model.config["num_hidden_layers"])
         self.heads = int(model.config["num_attention_heads"])
         self.eps = float(model.config.get("layer_norm_eps", 1e-12))
-        weights = {k: v.float() for k, v in model.weights(load_file).items()}
+        weights = model.weights(load_file)  # float32: `describe` turns other models down
         for layer in range(self.layers):  # one matrix product for query, key and value
             prefix = f"encoder.layer.{layer}.attention.self"
             for part in ("weight", "bias"):
@@ -280,8 +282,8 @@ class TorchBert:
             )
             inner = F.gelu(dense(x, f"{prefix}.intermediate.dense"))
             x = norm(dense(inner, f"{prefix}.output.dense") + x, f"{prefix}.output.LayerNorm")
-        if self.pooling == "cls":
-            return x[:, 0]
+        if self.pooling == "cls":  # the first token left after the instruction's
+            return x[:, prompt_length]
         pooled_mask = mask.clone()
         pooled_mask[:, :prompt_length] = 0
         weights = pooled_mask.unsqueeze(-1).to(x.dtype)
@@ -311,19 +313,73 @@ def describe(directory: str) -> PlainBert | None:
         next(iter(modes)) if len(modes) == 1 else ""
     )
     bert_config = _read_json(path / "sentence_bert_config.json") or {}
+    model_settings = _read_json(path / "config_sentence_transformers.json") or {}
+    tokenizer_settings = _read_json(path / "tokenizer_config.json") or {}
     plain_bert = (
         config.get("model_type") == "bert"
         and config.get("hidden_act") == "gelu"
         and config.get("position_embedding_type", "absolute") == "absolute"
-        and (path / "model.safetensors").exists()
-        and (path / "tokenizer.json").exists()
+        # transformers runs a model in the precision its config names (fp16 even on a CPU)
+        and config.get("torch_dtype", config.get("dtype")) in (None, "float32")
+        and _float32_bert_weights(path / "model.safetensors")
         and modules[0].get("path", "") == ""
         and not bert_config.get("do_lower_case")  # lower-casing in the module, not the tokenizer
+        and not any(bert_config.get(key) for key in set(bert_config) - SENTENCE_BERT_KEYS)
+        # a default instruction or truncated vectors: sentence-transformers' own features
+        and not model_settings.get("default_prompt_name")
+        and not model_settings.get("truncate_dim")
+        and _tokenizer_as_transformers_builds_it(path, tokenizer_settings)
     )
     if pooling is None or not plain_bert:
         return None
-    max_seq_length = int(bert_config.get("max_seq_length") or config["max_position_embeddings"])
-    return PlainBert(path, config, pooling, len(types) == 3, max_seq_length)
+    max_seq_length = bert_config.get("max_seq_length") or min(
+        int(tokenizer_settings.get("model_max_length") or config["max_position_embeddings"]),
+        int(config["max_position_embeddings"]),
+    )
+    return PlainBert(path, config, pooling, len(types) == 3, int(max_seq_length))
+
+
+def _float32_bert_weights(path: Path) -> bool:
+    """Whether the safetensors file holds a BERT encoder in float32 (read from its header;
+    integer buffers such as `position_ids` aside)."""
+    try:
+        with path.open("rb") as file:
+            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    except (OSError, ValueError):
+        return False
+    tensors = {k.removeprefix(BERT_PREFIX): v for k, v in header.items() if k != "__metadata__"}
+    floating = [t.get("dtype") for t in tensors.values() if str(t.get("dtype")).startswith(FLOAT)]
+    return "embeddings.word_embeddings.weight" in tensors and set(floating) == {"F32"}
+
+
+def _tokenizer_as_transformers_builds_it(path: Path, settings: dict) -> bool:
+    """Whether `tokenizer.json` alone tokenizes as transformers does. transformers rebuilds a
+    BERT tokenizer's normaliser and added tokens from `tokenizer_config.json`, so the two
+    files must agree (they do in a folder that transformers saved itself)."""
+    tokenizer = _read_json(path / "tokenizer.json")
+    if not isinstance(tokenizer, dict):
+        return False
+    normalizer = tokenizer.get("normalizer") or {}
+    expected = {
+        "type": "BertNormalizer",
+        "lowercase": settings.get("do_lower_case", True),
+        "strip_accents": settings.get("strip_accents"),
+        "handle_chinese_chars": settings.get("tokenize_chinese_chars", True),
+    }
+    added = {str(t.get("id")): t.get("content") for t in tokenizer.get("added_tokens") or []}
+    declared = {
+        key: value.get("content")
+        for key, value in (settings.get("added_tokens_decoder") or {}).items()
+        if isinstance(value, dict)
+    }
+    return (
+        all(normalizer.get(key) == value for key, value in expected.items())
+        and settings.get("tokenizer_class") in (None, "BertTokenizer", "BertTokenizerFast")
+        and settings.get("do_basic_tokenize", True)
+        and not settings.get("never_split")
+        and settings.get("truncation_side", "right") == "right"
+        and (not declared or declared == added)
+    )
 
 
 def load_numpy(directory: str) -> NumpyBert | None:

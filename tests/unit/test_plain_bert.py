@@ -71,17 +71,36 @@ def test_document_vectors_in_torch_equal_sentence_transformers_ones(reference, i
         assert np.abs(ours - model.encode(DOCUMENTS, batch_size=4)).max() > 1e-2
 
 
-def test_cls_pooling_equals_sentence_transformers(tmp_path: Path):
+def model_copy(tmp_path: Path, changes: dict[str, dict]) -> Path:
+    """A copy of the bundled model with keys of some of its JSON files changed."""
     directory = tmp_path / "model"
     shutil.copytree(resolve_model_path(BUNDLED_MODEL), directory)
-    pooling = directory / "1_Pooling" / "config.json"
-    config = json.loads(pooling.read_text())
-    modes = {key: False for key in config if key.startswith("pooling_mode")}
-    pooling.write_text(json.dumps({**config, **modes, "pooling_mode_cls_token": True}))
+    for name, change in changes.items():
+        path = directory / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    return directory
+
+
+@pytest.mark.parametrize("instruction", [None, INSTRUCTION], ids=["plain", "instruction"])
+def test_cls_pooling_equals_sentence_transformers(tmp_path: Path, instruction):
+    """With an instruction, sentence-transformers pools the first token after it."""
+    modes = {"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}
+    directory = model_copy(tmp_path, {"1_Pooling/config.json": modes})
     model = plain_bert.load_torch(str(directory))
     assert model is not None and model.pooling == "cls"
-    expected = sentence_transformer(str(directory)).encode(DOCUMENTS, batch_size=8)
-    assert np.abs(model.encode(DOCUMENTS, batch_size=8) - expected).max() < 1e-5
+    options = {"prompt": instruction, "batch_size": 8}
+    expected = sentence_transformer(str(directory)).encode(DOCUMENTS, **options)
+    assert np.abs(model.encode(DOCUMENTS, **options) - expected).max() < 1e-5
+
+
+def test_the_input_length_without_its_setting_is_the_tokenizers(tmp_path: Path):
+    directory = model_copy(tmp_path, {"tokenizer_config.json": {"model_max_length": 128}})
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"do_lower_case": False}))
+    model = plain_bert.load_torch(str(directory))
+    reference = sentence_transformer(str(directory))
+    assert model is not None and model.max_seq_length == reference.max_seq_length == 128
+    expected = reference.encode(QUERIES, normalize_embeddings=True)
+    assert np.abs(model.encode(QUERIES, normalize_embeddings=True) - expected).max() < 1e-5
 
 
 def test_tokens_and_offsets_equal_sentence_transformers_ones(reference):
@@ -128,6 +147,14 @@ def test_what_a_process_imports(code: str, expected: list[str]):
     assert result.stdout.split() == expected, result.stderr
 
 
+def half_precision_weights(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(directory / "model.safetensors"))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(half, str(directory / "model.safetensors"))
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -142,8 +169,31 @@ def test_what_a_process_imports(code: str, expected: list[str]):
         lambda d: (d / "sentence_bert_config.json").write_text(
             json.dumps({"max_seq_length": 256, "do_lower_case": True})
         ),
+        # transformers rebuilds the normaliser from tokenizer_config.json, not tokenizer.json
+        lambda d: (d / "tokenizer_config.json").write_text(
+            json.dumps(
+                {**json.loads((d / "tokenizer_config.json").read_text()), "do_lower_case": False}
+            )
+        ),
+        lambda d: (d / "config_sentence_transformers.json").write_text(
+            json.dumps({"prompts": {"query": "query: "}, "default_prompt_name": "query"})
+        ),
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "torch_dtype": "float16"})
+        ),
+        half_precision_weights,
     ],
-    ids=["custom module", "not BERT", "max pooling", "no safetensors", "lower-cased"],
+    ids=[
+        "custom module",
+        "not BERT",
+        "max pooling",
+        "no safetensors",
+        "lower-cased",
+        "tokenizer settings differ",
+        "default instruction",
+        "fp16 config",
+        "fp16 weights",
+    ],
 )
 def test_other_models_are_declined(tmp_path: Path, change):
     directory = tmp_path / "model"
