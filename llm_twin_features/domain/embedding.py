@@ -2,7 +2,7 @@
 
 A plain BERT sentence-transformer (the bundled all-MiniLM-L6-v2 among them) runs from its own
 files in torch (`plain_bert.TorchBert`): the same vectors, without importing
-sentence-transformers (4-8 s of every model load). Other models run through
+sentence-transformers (4-6 s of every model load). Other models run through
 sentence-transformers. INSTRUCTOR checkpoints (e.g. `hkunlp/instructor-xl`) do too: the
 instruction is passed as the `prompt` and the pooling layer is told to leave the prompt's
 tokens out (`set_pooling_include_prompt(False)`), which is what the INSTRUCTOR package did.

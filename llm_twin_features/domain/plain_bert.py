@@ -1,6 +1,6 @@
 """Plain BERT sentence-transformers run from their own files, without sentence-transformers.
 
-Importing sentence-transformers costs a fresh process 4-8 s on top of torch (transformers,
+Importing sentence-transformers costs a fresh process 4-6 s on top of torch (transformers,
 scikit-learn, torch.distributed), and every model load paid it: the model server's start, a
 backfill's first embedding, a run process that embeds. For the models this reproduces
 exactly, a plain BERT encoder (absolute positions, GELU) with mean or CLS pooling and optional

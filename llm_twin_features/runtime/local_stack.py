@@ -242,8 +242,8 @@ def model_server_in_environment(url: str) -> Iterator[None]:
 def helper_model_server(settings: Settings) -> Iterator[str | None]:
     """A model server for one command (a backfill), started before the command's own work.
 
-    Importing torch and loading the model takes a fresh process 2-3 s (sentence-transformers,
-    for models other than plain BERT ones, 5-10 s more). In a helper process that happens on
+    Importing torch and loading the model takes a fresh process about 2 s (sentence-transformers,
+    for models other than plain BERT ones, 4-6 s more). In a helper process that happens on
     another core while the command imports Dagster and runs the first stages; the runs then
     embed through it (they wait for it if it is still loading, and load the model themselves
     if it died). Yields its URL, with `EMBEDDING_SERVICE_URL` set to it meanwhile; yields

@@ -1,7 +1,7 @@
 """A small model server, so that pipeline runs do not load models themselves.
 
-Every Dagster run is a fresh process: importing torch and loading a model costs it 2-3 s
-(5-10 s more through sentence-transformers, minutes for instructor-xl), which would dominate
+Every Dagster run is a fresh process: importing torch and loading a model costs it about 2 s
+(4-6 s more through sentence-transformers, minutes for instructor-xl), which would dominate
 event-run latency. With
 `EMBEDDING_SERVICE_URL` set, runs tokenize and embed through this server, which keeps each
 model loaded once. If the server cannot be reached, runs fall back to loading the model
