@@ -85,23 +85,30 @@ class PlainBert:
         return tokenizer
 
 
-class NumpyBert:
-    """The slice of the SentenceTransformer interface a query needs: `encode`."""
+class _LoadedBert:
+    """What both forward passes read from a `PlainBert`: its shape, pooling and weights."""
 
-    def __init__(self, model: PlainBert) -> None:
-        from safetensors.numpy import load_file
-
-        self.weights = model.weights(load_file)
+    def __init__(self, model: PlainBert, weights: dict) -> None:
+        self.weights = weights
         self.layers = int(model.config["num_hidden_layers"])
         self.heads = int(model.config["num_attention_heads"])
         self.eps = float(model.config.get("layer_norm_eps", 1e-12))
         self.pooling = model.pooling
         self.normalize = model.normalize
         self.max_seq_length = model.max_seq_length
-        self.tokenizer = model.tokenizer(truncate=True)
 
     def get_embedding_dimension(self) -> int:
         return int(self.weights["embeddings.word_embeddings.weight"].shape[1])
+
+
+class NumpyBert(_LoadedBert):
+    """The slice of the SentenceTransformer interface a query needs: `encode`."""
+
+    def __init__(self, model: PlainBert) -> None:
+        from safetensors.numpy import load_file
+
+        super().__init__(model, model.weights(load_file))
+        self.tokenizer = model.tokenizer(truncate=True)
 
     def _dense(self, x: np.ndarray, name: str) -> np.ndarray:
         return x @ self.weights[f"{name}.weight"].T + self.weights[f"{name}.bias"]
@@ -176,7 +183,7 @@ class TokenizerCall:
         return {key: value[0] for key, value in result.items()} if single else result
 
 
-class TorchBert:
+class TorchBert(_LoadedBert):
     """The slice of the SentenceTransformer interface the pipeline uses, in plain torch ops.
 
     An instruction (`prompt`) is prepended to each text and its tokens ([CLS] included) are
@@ -187,27 +194,20 @@ class TorchBert:
         import torch
         from safetensors.torch import load_file
 
+        super().__init__(model, model.weights(load_file))  # float32: `describe` sees to it
         self.device = torch.device("cpu")
-        self.max_seq_length = model.max_seq_length
-        self.pooling = model.pooling
-        self.normalize = model.normalize
-        self.layers = int(model.config["num_hidden_layers"])
-        self.heads = int(model.config["num_attention_heads"])
-        self.eps = float(model.config.get("layer_norm_eps", 1e-12))
-        weights = model.weights(load_file)  # float32: `describe` turns other models down
         for layer in range(self.layers):  # one matrix product for query, key and value
             prefix = f"encoder.layer.{layer}.attention.self"
             for part in ("weight", "bias"):
-                weights[f"{prefix}.qkv.{part}"] = torch.cat(
-                    [weights.pop(f"{prefix}.{name}.{part}") for name in ("query", "key", "value")]
+                self.weights[f"{prefix}.qkv.{part}"] = torch.cat(
+                    [
+                        self.weights.pop(f"{prefix}.{name}.{part}")
+                        for name in ("query", "key", "value")
+                    ]
                 )
-        self.weights = weights
         self.tokenizer = TokenizerCall(model.tokenizer(truncate=False))
         self._inputs = model.tokenizer(truncate=True)
         self._pad_id = int(model.config.get("pad_token_id") or 0)
-
-    def get_embedding_dimension(self) -> int:
-        return int(self.weights["embeddings.word_embeddings.weight"].shape[1])
 
     def encode(
         self,
