@@ -6,6 +6,8 @@ Unset store URLs select the embedded defaults (montydb warehouse, qdrant local m
 
 from __future__ import annotations
 
+import hashlib
+import json
 from functools import cached_property
 from pathlib import Path
 
@@ -53,6 +55,9 @@ class Settings(BaseSettings):
     max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS
     # The model server (`llm-twin-features serve-models`); unset: runs load models themselves.
     embedding_service_url: str | None = None
+    # Without a laptop stack, a backfill leaves a run server behind (cli/run_server.py) that
+    # takes the next commands' runs warm, until idle this long; 0: never start one.
+    run_server_idle_seconds: float = Field(default=600.0, ge=0)
 
     # Change events (RabbitMQ). Unset user/password: the broker's default local account.
     rabbitmq_host: str = BrokerConfig.host
@@ -80,6 +85,16 @@ class Settings(BaseSettings):
 
     def qdrant_api_key_value(self) -> str | None:
         return self.qdrant_api_key.get_secret_value() if self.qdrant_api_key else None
+
+    def fingerprint(self) -> str:
+        """Every field's value, secrets included, hashed: another process serves this one's
+        commands only with the same configuration (the run server)."""
+        values = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            values[name] = value.get_secret_value() if isinstance(value, SecretStr) else value
+        values["data_dir"] = self.resolved_data_dir
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
     def search_identity(self) -> str:
         """What a search answered by another process (the laptop stack's model server) must

@@ -13,6 +13,13 @@ SAMPLE_CORPUS = Path(llm_twin_features.sample_data.__file__).parent / "corpus.js
 STORE_VARIABLES = ("MONGO_URI", "QDRANT_URL", "QDRANT_API_KEY", "DAGSTER_HOME")
 
 
+@pytest.fixture(autouse=True)
+def no_run_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backfill leaves no run server behind (cli/run_server.py): tests' commands run their
+    runs themselves unless a test turns it on, and no process outlives its test."""
+    monkeypatch.setenv("RUN_SERVER_IDLE_SECONDS", "0")
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Embedded defaults under a fresh directory; server URLs from the caller's shell ignored."""

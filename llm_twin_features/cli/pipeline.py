@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import threading
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 from llm_twin_features.cli.common import (
     audits,
@@ -15,6 +12,7 @@ from llm_twin_features.cli.common import (
     warehouse_of,
     with_running_model_server,
 )
+from llm_twin_features.cli.runs import Outcome, Run, report_failures, run_each, run_pipeline_here
 from llm_twin_features.domain.data_types import data_types
 from llm_twin_features.settings import Settings
 
@@ -96,11 +94,8 @@ def run_pipeline(
     """One run of the pipeline job per data type (scoped to ids, or whole), with progress;
     `force`: whole partitions run their stages even when unchanged since their last sync;
     `shards` ("I/N"): one run per shard of each whole partition instead."""
-    from llm_twin_features.runtime.local_stack import (
-        helper_model_server,
-        model_server_in_environment,
-        running_dagster_ui,
-    )
+    from llm_twin_features.cli.run_server import run_through_server, start_run_server
+    from llm_twin_features.runtime.local_stack import running_dagster_ui
 
     runs = [
         Run(data_type, ids, shard)
@@ -109,27 +104,50 @@ def run_pipeline(
     ]
     # The laptop stack's runs when it runs: no Dagster import here, and no contention with
     # its runs for the feature store.
-    ui_url = running_dagster_ui(settings, prepare_dagster_home(settings))
+    home = prepare_dagster_home(settings)
+    ui_url = running_dagster_ui(settings, home)
     if ui_url is not None:
         code = _run_through_stack(ui_url, runs, trigger, force)
         if code is not None:
             return code
-    # The laptop stack's model server when it runs; else the model loads in a helper process
-    # while Dagster is imported here.
+    # The run server an earlier command left behind: Dagster and the models ready there.
+    code = None
+    if settings.run_server_idle_seconds > 0:
+        code = run_through_server(settings, home, runs, trigger, force)
+    if code is None:
+        code = _run_here(settings, runs, trigger, force, scopes)
+        start_run_server(settings, home)  # for the next command
+    return code
+
+
+def _run_here(
+    settings: Settings,
+    runs: list[Run],
+    trigger: str,
+    force: bool,
+    scopes: Mapping[str, list[str] | None],
+) -> int:
+    """The runs in this process; the model in the laptop stack's model server when it runs,
+    else loading in a helper process while Dagster is imported here."""
+    from llm_twin_features.runtime.local_stack import (
+        helper_model_server,
+        model_server_in_environment,
+    )
+
     settings = with_running_model_server(settings)
     if settings.embedding_service_url:
         print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
         with model_server_in_environment(settings.embedding_service_url):
-            return _run_pipeline(settings, runs, trigger, force)
+            return run_pipeline_here(settings, runs, trigger, force)
     if not _needs_model(settings, scopes):
         print(f"{trigger}: nothing to chunk or embed; no model needed", flush=True)
-        return _run_pipeline(settings, runs, trigger, force)
+        return run_pipeline_here(settings, runs, trigger, force)
     with helper_model_server(settings) as model_server:
         if model_server:
             print(
                 f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
             )
-        return _run_pipeline(settings, runs, trigger, force)
+        return run_pipeline_here(settings, runs, trigger, force)
 
 
 def _needs_model(settings: Settings, scopes: Mapping[str, list[str] | None]) -> bool:
@@ -181,64 +199,6 @@ def _documents_changed(warehouse, data_type: str, ids: list[str], settings: Sett
     return False
 
 
-@dataclass(frozen=True)
-class Run:
-    """One run of the pipeline job: a partition, whole (or one shard of it) or some ids."""
-
-    data_type: str
-    document_ids: list[str] | None = None
-    shard: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.data_type} shard {self.shard}" if self.shard else self.data_type
-
-    @property
-    def scope(self) -> str:
-        if self.document_ids is not None:
-            return f"{len(self.document_ids)} documents"
-        return "one shard" if self.shard else "whole partition"
-
-    def run_config_ops(self, force: bool) -> dict | None:
-        """The run's `ops` config; None: the whole partition, unforced (the job's default)."""
-        from llm_twin_features.defs.run_config import scope_ops
-
-        if self.document_ids is None and not force and not self.shard:
-            return None
-        return scope_ops(self.document_ids, force, self.shard)
-
-    def tags(self, trigger: str) -> dict[str, str]:
-        tags = {"llm_twin/trigger": trigger}
-        if self.shard:
-            tags["llm_twin/shard"] = self.shard
-        return tags
-
-
-# What executing one run gave: its materializations (asset name -> metadata), or None and
-# what to say about its failure.
-Outcome = tuple[dict[str, dict] | None, str]
-
-
-def _run_each(runs: list[Run], execute: Callable[[Run, str], Outcome]) -> list[str]:
-    """Executes the runs one after the other with a line before and after each; the labels
-    of those that failed."""
-    from llm_twin_features.defs.run_config import FEATURE_PIPELINE_JOB
-
-    failed = []
-    for number, run in enumerate(runs, start=1):
-        prefix = f"[{number}/{len(runs)}] {run.label}"
-        print(f"{prefix}: running {FEATURE_PIPELINE_JOB} ({run.scope})", flush=True)
-        started = time.perf_counter()
-        materializations, failure = execute(run, prefix)
-        if materializations is None:
-            failed.append(run.label)
-            err(f"{prefix}: {failure}")
-            continue
-        seconds = time.perf_counter() - started
-        print(f"{prefix}: done in {seconds:.1f} s: {_summary(materializations)}", flush=True)
-    return failed
-
-
 def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> int | None:
     """The runs launched through the running laptop stack's Dagster webserver, one after
     the other, with the stages' progress; None when it cannot take them (its code location
@@ -279,89 +239,9 @@ def _run_through_stack(url: str, runs: list[Run], trigger: str, force: bool) -> 
         return finished.materializations, ""
 
     try:
-        failed = _run_each(runs, execute)
+        failed = run_each(runs, execute)
     except KeyboardInterrupt:  # the run is the stack's: it goes on
         if launched:
             err(f"stopped waiting; run {url}/runs/{launched[-1]} goes on in the stack")
         return 130
-    return _report_failures(runs, failed, trigger)
-
-
-def _run_pipeline(settings: Settings, runs: list[Run], trigger: str, force: bool) -> int:
-    home = prepare_dagster_home(settings)
-    import dagster as dg
-
-    from llm_twin_features.definitions import build_definitions
-    from llm_twin_features.defs.assets import FEATURE_STORE_POOL
-    from llm_twin_features.defs.run_config import FEATURE_PIPELINE_JOB
-    from llm_twin_features.runtime.dead_runs import release_dead_runs
-
-    job = build_definitions().resolve_job_def(FEATURE_PIPELINE_JOB)
-    stop_reaper = threading.Event()
-
-    def reap() -> None:
-        """A run blocks on a pool slot that a killed run still holds: free such slots, now
-        and every few seconds while the runs go on."""
-        with dg.DagsterInstance.from_config(str(home)) as own:
-            while True:
-                for run_id in release_dead_runs(own, [FEATURE_STORE_POOL]):
-                    err(f"released the pool slot of run {run_id}: its process is gone")
-                if stop_reaper.wait(5):
-                    return
-
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-
-        def execute(run: Run, prefix: str) -> Outcome:
-            run_config: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-            ops = run.run_config_ops(force)
-            if ops:
-                run_config["ops"] = ops
-            result = job.execute_in_process(
-                instance=instance,
-                partition_key=run.data_type,
-                tags=run.tags(trigger),
-                run_config=run_config,
-                raise_on_error=False,
-            )
-            if not result.success:
-                return None, f"FAILED (run {result.run_id})"
-            return _materializations(result), ""
-
-        # Started once the instance (and its tables) exist: the reaper opens its own.
-        threading.Thread(target=reap, daemon=True, name="dead-run-reaper").start()
-        types = dict.fromkeys(run.data_type for run in runs)
-        print(f"{trigger}: {', '.join(types)} through the Dagster instance at {home}")
-        failed = _run_each(runs, execute)
-    stop_reaper.set()
-    return _report_failures(runs, failed, trigger)
-
-
-def _report_failures(runs: list[Run], failed: list[str], trigger: str) -> int:
-    if not failed:
-        return 0
-    sharded = any(run.shard for run in runs)
-    rerun = " (a failed shard alone: --type T --shard I/N)" if sharded else ""
-    err(f"{trigger} failed for {', '.join(failed)}; see the runs in the Dagster UI{rerun}")
-    return 1
-
-
-def _materializations(result) -> dict[str, dict]:
-    """asset name -> the metadata of its materialization in an in-process run's result."""
-    metadata = {}
-    for event in result.get_asset_materialization_events():
-        materialization = event.event_specific_data.materialization
-        metadata[materialization.asset_key.to_user_string()] = {
-            k: v.value for k, v in materialization.metadata.items()
-        }
-    return metadata
-
-
-def _summary(metadata: dict[str, dict]) -> str:
-    """One line of a run's materializations (asset name -> metadata)."""
-    embedded = metadata.get("embedded_chunks", {})
-    raw = metadata.get("raw_documents", {})
-    return (
-        f"{raw.get('documents_in_scope', 0)} documents, {raw.get('quarantined', 0)} quarantined, "
-        f"{embedded.get('chunks', 0)} chunks, {embedded.get('vectors_embedded', 0)} embedded, "
-        f"{embedded.get('vectors_reused', 0)} reused"
-    )
+    return report_failures(runs, failed, trigger)

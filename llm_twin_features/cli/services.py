@@ -106,7 +106,11 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
 
+    from llm_twin_features.cli.run_server import stop_run_server
+
     home = prepare_dagster_home(settings)
+    if stop_run_server(settings):  # commands go through the stack from now on
+        print("stopped the run server an earlier backfill left behind", flush=True)
     with LocalStack(settings, dagster_home=home, ui_port=args.port) as stack:
         print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything)", flush=True)
         return stack.wait()

@@ -18,7 +18,11 @@ from pydantic import Field
 
 from llm_twin_features.runtime.dead_runs import owner_tags
 from llm_twin_features.settings import Settings
-from llm_twin_features.stores.feature_store import FeatureStore, open_feature_store
+from llm_twin_features.stores.feature_store import (
+    FeatureStore,
+    kept_local_store,
+    open_feature_store,
+)
 from llm_twin_features.stores.feature_store_state import state_token
 from llm_twin_features.stores.queue import BrokerConfig
 from llm_twin_features.stores.warehouse import Warehouse, open_warehouse
@@ -72,7 +76,13 @@ class FeatureStoreResource(dg.ConfigurableResource):
     def open(self, log=None) -> Iterator[FeatureStore]:
         """Open for one step only: local mode admits one process per folder, and a run that
         kept it between its steps would deadlock with another run holding the `feature_store`
-        pool slot while it waits for the folder (a CLI backfill beside `dagster dev`)."""
+        pool slot while it waits for the folder (a CLI backfill beside `dagster dev`). The run
+        server's process keeps it open instead (`KeptLocalStore`), and lets go when asked."""
+        kept = None if self.qdrant_url else kept_local_store(Path(self.data_dir))
+        if kept is not None:
+            with kept.use(on_wait=log.info if log else None) as store:
+                yield store
+            return
         store = open_feature_store(
             self.qdrant_url or None,
             self.qdrant_api_key or None,

@@ -34,7 +34,12 @@ def edited_since(started_ns: int) -> list[str]:
     edited = []
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if not path or str(Path(path).resolve()).startswith(library_roots):
+        # A relative path is a made-up one (torch.ops says "_ops.py"), not a source file.
+        if (
+            not path
+            or not os.path.isabs(path)
+            or str(Path(path).resolve()).startswith(library_roots)
+        ):
             continue
         try:
             if os.stat(path).st_mtime_ns > started_ns:

@@ -7,14 +7,21 @@ every write is an idempotent upsert.
 
 With `QDRANT_URL` unset, qdrant-client's local mode stores the collections under the data dir.
 Local mode allows one process per folder: opening waits (bounded) for another process to let
-go, and callers close the store as soon as their step ends.
+go, and callers close the store as soon as their step ends. The one exception is a process that
+keeps it open between uses (`KeptLocalStore`, the run server's): it publishes how to reach it,
+and an opener that finds the folder held asks it to let go (`ask_holder_to_let_go`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from llm_twin_features.stores.feature_store_state import (
 
 __all__ = [
     "FeatureStore",
+    "KeptLocalStore",
     "Point",
     "SparseVector",
     "cleaned_collection",
@@ -303,6 +311,15 @@ class FeatureStore:
     def close(self) -> None:
         self.client.close()
 
+    def checkpoint(self) -> None:
+        """Local mode: the points written since the last checkpoint moved from each SQLite
+        write-ahead log into its database file, as closing does; the files are then what a
+        closed store leaves (`state_token` reads them), though it stays open."""
+        for collection in self._tuned:
+            connection = local_storage(self.client, collection)
+            if connection is not None:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
 
 def local_storage(client: QdrantClient, collection: str) -> sqlite3.Connection | None:
     """The SQLite connection a local-mode collection persists its points through (None when
@@ -362,7 +379,86 @@ def open_feature_store(
                     f"{lock_timeout:.0f} s (a running pipeline run, `dagster dev` step or CLI); "
                     "retry when it is done, or set QDRANT_URL to use a Qdrant server"
                 ) from error
+            if ask_holder_to_let_go(data_dir):  # it has closed the store: open it now
+                continue
             if on_wait and delay == 0.2:  # say it once
                 on_wait(f"feature store {path} is in use by another process; waiting")
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+# --- a local store kept open between uses ------------------------------------------------------
+
+LET_GO = "let_go"  # the request a holder answers by closing its store
+
+
+def holder_file(data_dir: Path) -> Path:
+    """Where a process that keeps the local store open publishes how to ask it to let go."""
+    return data_dir / "qdrant.holder.json"
+
+
+class KeptLocalStore:
+    """The local store of `data_dir`, kept open by one process between its steps and runs (the
+    run server, `cli/run_server.py`): opening a Qdrant local folder loads every point of every
+    collection, a cost that grows with the corpus. While it is kept, another process that wants
+    the folder asks this one to let go (`ask_holder_to_let_go`): the store closes as soon as no
+    step uses it, and opens again at this process's next use."""
+
+    def __init__(self, data_dir: Path, lock_timeout: float = 600.0) -> None:
+        self.data_dir = data_dir
+        self.lock_timeout = lock_timeout
+        self._store: FeatureStore | None = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def use(self, on_wait: Callable[[str], Any] | None = None) -> Iterator[FeatureStore]:
+        """The store, open, for one step; other processes' requests to let go wait for it."""
+        with self._lock:
+            if self._store is None:
+                self._store = open_feature_store(
+                    None, None, self.data_dir, self.lock_timeout, on_wait=on_wait
+                )
+            try:
+                yield self._store
+            finally:
+                self._store.checkpoint()
+
+    def let_go(self) -> bool:
+        """Closes the store once no step uses it; whether it was open."""
+        with self._lock:
+            if self._store is None:
+                return False
+            self._store.close()
+            self._store = None
+            return True
+
+
+_kept: dict[Path, KeptLocalStore] = {}
+
+
+def keep_local_store(data_dir: Path) -> KeptLocalStore:
+    """From now on, this process's steps share one open local store of `data_dir`."""
+    key = data_dir.resolve()
+    return _kept.setdefault(key, KeptLocalStore(data_dir))
+
+
+def kept_local_store(data_dir: Path) -> KeptLocalStore | None:
+    """The store this process keeps open for `data_dir`, if it keeps one."""
+    return _kept.get(data_dir.resolve()) if _kept else None
+
+
+def ask_holder_to_let_go(data_dir: Path, timeout: float = 5.0) -> bool:
+    """Asks the process that published itself as keeping the local store of `data_dir` open
+    (`holder_file`) to close it; True once it has. False when none is published, its process
+    is gone, or it did not answer in `timeout` seconds (it is then in a step: the caller
+    waits for the folder as for any other process)."""
+    try:
+        holder = json.loads(holder_file(data_dir).read_text())
+        if holder["pid"] == os.getpid():
+            return False
+        with socket.create_connection(("127.0.0.1", int(holder["port"])), timeout=timeout) as s:
+            s.sendall(json.dumps({"token": holder["token"], "request": LET_GO}).encode() + b"\n")
+            reply = s.makefile("r").readline()
+        return bool(json.loads(reply).get("closed"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -115,7 +115,13 @@ def test_update_and_delete_reach_search_and_status(data_dir, broker, tmp_path, m
             assert top["document_id"] == UPDATED
 
             with dg.DagsterInstance.from_config(str(home)) as instance:
-                runs = instance.get_runs(dg.RunsFilter(tags={"llm_twin/trigger": "events"}))
+                # The data is searchable before its run has recorded its end.
+                deadline = time.monotonic() + 30
+                while True:
+                    runs = instance.get_runs(dg.RunsFilter(tags={"llm_twin/trigger": "events"}))
+                    if runs[0].is_finished or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
                 queued = [
                     run.run_id
                     for run in runs

@@ -1,0 +1,261 @@
+"""The run server (cli/run_server.py): a backfill without the laptop stack leaves it behind,
+and the next commands' runs execute there, recorded in the same Dagster instance, while any
+other process that needs the local feature store still gets it. Killed during a run, it loses
+nothing: the command runs the same runs itself. It serves only its own configuration and code,
+and exits when idle."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+
+from llm_twin_features.cli.common import feature_store_of, warehouse_of
+from llm_twin_features.cli.run_server import server_file, stop_run_server
+from llm_twin_features.domain import shards
+from llm_twin_features.runtime.dead_runs import PID_TAG
+from llm_twin_features.settings import Settings
+from llm_twin_features.stores.feature_store import holder_file, vector_collection
+
+from ..conftest import SAMPLE_CORPUS
+
+COMMAND = [sys.executable, "-m", "llm_twin_features.cli"]
+THROUGH_SERVER = "through the run server"
+
+
+class Cli:
+    def __init__(self, data_dir: Path, home: Path, idle_seconds: float) -> None:
+        self.settings = Settings(data_dir=data_dir)
+        self.home = home
+        self.env = {
+            **os.environ,
+            "LLM_TWIN_DATA_DIR": str(data_dir),
+            "DAGSTER_HOME": str(home),
+            "RUN_SERVER_IDLE_SECONDS": str(idle_seconds),
+        }
+        self.env.pop("EMBEDDING_SERVICE_URL", None)
+
+    def __call__(self, *argv: str, **env: str) -> str:
+        result = subprocess.run(
+            [*COMMAND, *argv], env={**self.env, **env}, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    def server_pid(self, timeout: float = 30) -> int:
+        """The pid of the data dir's run server, once published."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid = int(json.loads(server_file(self.settings).read_text())["pid"])
+                if psutil.pid_exists(pid):
+                    return pid
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError("no run server was published")
+
+    def runs(self) -> list[dg.DagsterRun]:
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            return list(instance.get_runs())
+
+
+@pytest.fixture
+def cli(data_dir: Path, tmp_path: Path):
+    cli = Cli(data_dir, tmp_path / "home", idle_seconds=120)
+    yield cli
+    try:  # no server outlives its test
+        pid = int(json.loads(server_file(cli.settings).read_text())["pid"])
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError, KeyError):
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs after {timeout} s"
+        time.sleep(0.1)
+
+
+def edit_articles(settings: Settings, count: int, text: str) -> list[str]:
+    """Appends a paragraph with `text` to the first `count` valid articles; their ids."""
+    with warehouse_of(settings) as warehouse:
+        articles = warehouse.documents("articles")
+        documents = [
+            document
+            for document in map(articles.get, sorted(articles.ids()))
+            if isinstance(document.get("content", {}).get("Content"), str)
+            and len(document["content"]["Content"]) > 200
+        ][:count]
+        for document in documents:
+            document["content"]["Content"] += f"\n\n{text}"
+        articles.replace_many(documents)
+    return [str(document["_id"]) for document in documents]
+
+
+def chunk_texts(settings: Settings, data_type: str) -> dict[str, str]:
+    """document id -> its chunks' text in the feature store (opened from this process)."""
+    texts: dict[str, str] = {}
+    with feature_store_of(settings) as store:
+        for point in store.points(vector_collection(data_type)):
+            payload = point.payload or {}
+            document_id = str(payload["document_id"])
+            texts[document_id] = texts.get(document_id, "") + str(payload["content"])
+    return texts
+
+
+def test_a_backfill_leaves_a_run_server_that_takes_the_next_commands_runs(cli):
+    cli("ingest", "--no-publish", str(SAMPLE_CORPUS))
+    first = cli("backfill")
+    assert THROUGH_SERVER not in first
+    pid = cli.server_pid()
+
+    # An edit: the run executes in the server, recorded in the command's Dagster instance.
+    (article,) = edit_articles(cli.settings, 1, "Kettles of sparrows index the warehouse.")
+    output = cli("backfill", "--type", "articles", "--ids", article)
+    assert THROUGH_SERVER in output and "1 embedded" in output
+    run = cli.runs()[0]
+    assert run.status == dg.DagsterRunStatus.SUCCESS and run.tags[PID_TAG] == str(pid)
+    with dg.DagsterInstance.from_config(str(cli.home)) as instance:
+        materialized = {
+            record.asset_key.to_user_string()
+            for record in instance.get_records_for_run(
+                run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+            ).records
+            if record.asset_key is not None
+        }
+    assert materialized == {
+        "raw_documents",
+        "cleaned_documents",
+        "chunked_documents",
+        "embedded_chunks",
+    }
+
+    # The server keeps the local feature store open between runs, and lets go of it for
+    # another process: this one reads the edit, and `search` finds it.
+    assert holder_file(cli.settings.resolved_data_dir).exists()
+    assert "Kettles of sparrows" in chunk_texts(cli.settings, "articles")[article]
+    hit = cli("search", "kettles of sparrows", "--type", "articles", "--limit", "1", "--json")
+    assert json.loads(hit.splitlines()[0])["document_id"] == article
+
+    # A delete, and two commands at once: both through the server, one after the other.
+    with warehouse_of(cli.settings) as warehouse:
+        post = sorted(warehouse.documents("posts").ids())[0]
+    cli("delete", "--no-publish", "--type", "posts", post)
+    (other,) = edit_articles(cli.settings, 1, "Owls audit the vector store at dawn.")
+    outputs: list[str] = []
+    commands = [
+        threading.Thread(target=lambda a=argv: outputs.append(cli(*a)))
+        for argv in (
+            ("backfill", "--type", "posts", "--ids", post),
+            ("backfill", "--type", "articles", "--ids", other),
+        )
+    ]
+    for command in commands:
+        command.start()
+    for command in commands:
+        command.join()
+    assert len(outputs) == 2 and all(THROUGH_SERVER in output for output in outputs)
+    assert post not in chunk_texts(cli.settings, "posts")
+    assert "Owls audit" in chunk_texts(cli.settings, "articles")[other]
+    assert cli.server_pid() == pid  # the same server all along
+    assert "False" not in cli("audit")
+
+
+def test_a_run_server_killed_during_a_run_loses_nothing(cli):
+    """SIGKILL at a random point of the server's run: the command runs the runs itself (its
+    own process releases the dead run's pool slot) and the store ends in sync."""
+    cli("ingest", "--no-publish", str(SAMPLE_CORPUS))
+    cli("backfill")
+    pid = cli.server_pid()
+    cli("backfill", "--type", "posts", "--force")  # the server is warm
+    text = "A paragraph the killed run was embedding."
+    # Long enough that the kill lands during the run: about 500 new chunks to embed.
+    words = ("vector", "warehouse", "kettle", "sparrow", "owl", "lineage", "quantum", "chunk")
+    filler = "\n\n".join(" ".join(random.choice(words) for _ in range(120)) for _ in range(25))
+    ids = edit_articles(cli.settings, 22, f"{text}\n\n{filler}")
+    known = {run.run_id for run in cli.runs()}
+
+    def kill_during_the_run() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(run.run_id not in known for run in cli.runs()):
+                time.sleep(random.uniform(0.0, 2.0))
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_during_the_run)
+    killer.start()
+    output = cli("backfill", "--type", "articles", "--ids", *ids)
+    killer.join()
+    assert not alive(pid)
+    assert THROUGH_SERVER in output and "the run server stopped during the runs" in output
+    texts = chunk_texts(cli.settings, "articles")
+    assert all(text in texts[entry_id] for entry_id in ids)
+    assert "False" not in cli("audit")
+
+
+def test_the_run_server_serves_only_its_own_configuration_and_code(cli):
+    cli("ingest", "--no-publish", str(SAMPLE_CORPUS))
+    cli("backfill", "--type", "posts")
+    pid = cli.server_pid()
+    with warehouse_of(cli.settings) as warehouse:
+        post = sorted(warehouse.documents("posts").ids())[0]
+
+    # Another configuration: declined, run here; the server it started replaces the old one,
+    # which exits.
+    output = cli("backfill", "--type", "posts", "--ids", post, MAX_DOCUMENT_CHARS="150000")
+    assert "the command's configuration differs" in output and THROUGH_SERVER not in output
+    replacement = cli.server_pid()
+    assert replacement != pid
+    wait_gone(pid)
+
+    # A source file edited after the server started (its mtime is enough): declined, exits.
+    source = Path(shards.__file__ or "")
+    os.utime(source)
+    output = cli("backfill", "--type", "posts", "--ids", post, MAX_DOCUMENT_CHARS="150000")
+    assert "shards.py was edited since it started" in output and THROUGH_SERVER not in output
+    wait_gone(replacement)
+
+
+def test_an_idle_run_server_exits_and_unpublishes_itself(data_dir, tmp_path):
+    cli = Cli(data_dir, tmp_path / "home", idle_seconds=2)
+    cli("ingest", "--no-publish", str(SAMPLE_CORPUS))
+    cli("backfill", "--type", "posts")
+    wait_gone(cli.server_pid(), timeout=60)
+    assert not server_file(cli.settings).exists()
+    assert not holder_file(cli.settings.resolved_data_dir).exists()
+    assert (
+        "idle for 2 s; exiting" in (cli.settings.resolved_data_dir / "run_server.log").read_text()
+    )
+    # Turned off: nothing is left behind.
+    cli("backfill", "--type", "posts", "--force", RUN_SERVER_IDLE_SECONDS="0")
+    time.sleep(1)
+    assert not server_file(cli.settings).exists()
+
+    # Stopped (as `dev` does before starting the stack): it closes the store and unpublishes.
+    cli("backfill", "--type", "posts", "--force")
+    pid = cli.server_pid()
+    assert stop_run_server(cli.settings) and not alive(pid)
+    assert not server_file(cli.settings).exists()
+    assert not holder_file(cli.settings.resolved_data_dir).exists()
+    assert not stop_run_server(cli.settings)
