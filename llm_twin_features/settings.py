@@ -87,10 +87,10 @@ class Settings(BaseSettings):
         return self.qdrant_api_key.get_secret_value() if self.qdrant_api_key else None
 
     def fingerprint(self) -> str:
-        """Every field's value, secrets included, hashed: another process serves this one's
-        commands only with the same configuration (the run server)."""
+        """Every field's value that runs read, secrets included, hashed: another process
+        serves this one's commands only with the same configuration (the run server)."""
         values = {}
-        for name in type(self).model_fields:
+        for name in type(self).model_fields.keys() - {"run_server_idle_seconds"}:
             value = getattr(self, name)
             values[name] = value.get_secret_value() if isinstance(value, SecretStr) else value
         values["data_dir"] = self.resolved_data_dir

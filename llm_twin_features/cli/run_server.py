@@ -22,6 +22,7 @@ Usage: python -m llm_twin_features.cli.run_server  (the environment is the comma
 from __future__ import annotations
 
 import contextlib
+import hmac
 import io
 import json
 import os
@@ -35,7 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from llm_twin_features.cli.common import err, prepare_dagster_home
 from llm_twin_features.settings import Settings
@@ -47,12 +48,14 @@ if TYPE_CHECKING:
 RUN = "run"
 QUEUED = "queued"
 ACCEPTED = "accepted"
+GO = "go"
 DECLINED = "declined"
 EXIT = "exit"
 # A command waits this long for a server that is still starting (importing, loading models)
 # to answer; past it, it runs its runs itself. Queued behind another command's runs, it waits
 # as long as those take.
 ACCEPT_TIMEOUT_SECONDS = 60.0
+SEND_TIMEOUT_SECONDS = 30.0
 
 
 def server_file(settings: Settings) -> Path:
@@ -65,19 +68,37 @@ def log_file(settings: Settings) -> Path:
 
 
 def _published(settings: Settings) -> dict[str, Any] | None:
+    """The run server published for the data dir, if its process still runs (the same
+    process: a pid reused after a crash has another start time)."""
     try:
         published = json.loads(server_file(settings).read_text())
-        os.kill(int(published["pid"]), 0)  # its process is alive
+        if _start_time(int(published["pid"])) != published["started"]:
+            return None
         return published
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def _start_time(pid: int) -> str | None:
+    """The start time of process `pid`; ProcessLookupError when there is none, or it is a
+    zombie (None where /proc does not tell: then any live process of that pid counts)."""
+    from llm_twin_features.runtime.dead_runs import process_state
+
+    state = process_state(pid)
+    if state is None:
+        os.kill(pid, 0)
+        return None
+    if state[0] == "Z":
+        raise ProcessLookupError(pid)
+    return state[1]
+
+
 def _write_atomically(path: Path, payload: dict[str, Any]) -> None:
     """Readers see the old file or the whole new one; only this user can read the token."""
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(payload))
-    partial.chmod(0o600)
+    partial.unlink(missing_ok=True)
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(json.dumps(payload))
     partial.replace(path)
 
 
@@ -131,6 +152,10 @@ def run_through_server(
             return None
         if not first.get(ACCEPTED):
             return None
+        try:
+            connection.sendall(f"{GO}\n".encode())
+        except OSError:
+            return None
         print(
             f"{trigger}: through the run server (process {published['pid']}, kept from an "
             "earlier command; RUN_SERVER_IDLE_SECONDS=0 turns it off)",
@@ -165,7 +190,7 @@ def start_run_server(settings: Settings, home: Path) -> None:
     published = _published(settings)
     if published is not None and published.get("fingerprint") == settings.fingerprint():
         return
-    with open(log_file(settings), "w") as log:
+    with open(log_file(settings), "a") as log:
         subprocess.Popen(
             [sys.executable, "-m", "llm_twin_features.cli.run_server"],
             env={**os.environ, "DAGSTER_HOME": str(home)},
@@ -190,7 +215,7 @@ def stop_run_server(settings: Settings, timeout: float = 30.0) -> bool:
             with contextlib.suppress(ChildProcessError):  # this process's child: reap it
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     return True
-            os.kill(pid, 0)
+            _start_time(pid)
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -243,15 +268,21 @@ class RunServer:
         self.listener.settimeout(1.0)
         self.port = self.listener.getsockname()[1]
         self.run_lock = threading.Lock()
+        self.activity = threading.Lock()  # guards `busy` and `last_used`
+        self.busy = 0  # connections being handled
         self.last_used = time.monotonic()
-        self.busy = 0
         self.stopping = False
         self.kept: KeptLocalStore | None = None
 
     def publish(self) -> None:
         """Published before anything is imported: a command that comes meanwhile queues on the
         socket instead of starting a second import of everything beside this one."""
-        record = {"pid": os.getpid(), "port": self.port, "token": self.token}
+        record = {
+            "pid": os.getpid(),
+            "started": _start_time(os.getpid()),
+            "port": self.port,
+            "token": self.token,
+        }
         _write_atomically(server_file(self.settings), {**record, "fingerprint": self.fingerprint})
         if not self.settings.qdrant_url:
             from llm_twin_features.stores.feature_store import holder_file, keep_local_store
@@ -285,15 +316,19 @@ class RunServer:
             try:
                 connection, _ = self.listener.accept()
             except TimeoutError:
-                if self.busy:
-                    continue
-                if time.monotonic() - self.last_used > idle:
+                with self.activity:
+                    if self.busy:
+                        continue
+                    idle_for = time.monotonic() - self.last_used
+                if idle_for > idle:
                     print(f"run server: idle for {idle:.0f} s; exiting", flush=True)
                     return
                 if not self._still_published():
                     print("run server: replaced or its data dir is gone; exiting", flush=True)
                     return
                 continue
+            with self.activity:
+                self.busy += 1
             threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
 
     def _still_published(self) -> bool:
@@ -303,37 +338,51 @@ class RunServer:
             return False
 
     def close(self) -> None:
+        """Unpublished at once; the store closed once a run in progress has ended (30 s at
+        most: past that, the process exits during the run, and its command runs it itself)."""
+        self.stopping = True
         _unlink_if_mine(server_file(self.settings), self.token)
         if self.kept is not None:
             from llm_twin_features.stores.feature_store import holder_file
 
             _unlink_if_mine(holder_file(self.settings.resolved_data_dir), self.token)
-            self.kept.let_go()
+            if self.run_lock.acquire(timeout=30):
+                self.kept.let_go(timeout=30)
         self.listener.close()
 
     def _handle(self, connection: socket.socket) -> None:
+        try:
+            with connection:
+                self._answer(connection)
+        finally:
+            with self.activity:
+                self.busy -= 1
+                self.last_used = time.monotonic()
+
+    def _answer(self, connection: socket.socket) -> None:
         from llm_twin_features.stores.feature_store import LET_GO
 
-        with connection:
-            try:
-                request = json.loads(connection.makefile("r", encoding="utf-8").readline())
-            except (OSError, ValueError):
-                return
-            if not isinstance(request, dict) or request.get("token") != self.token:
-                return
-            sink = _Sink(connection)
-            if request.get("request") == LET_GO:  # another process wants the local store
-                closed = self.kept.let_go() if self.kept is not None else False
-                sink.send({"closed": closed})
-            elif request.get("request") == RUN:
-                self.busy += 1
-                try:
-                    self._run(request, sink)
-                finally:
-                    self.busy -= 1
-                    self.last_used = time.monotonic()
+        # A command that stops reading (suspended, or piped into a pager) is dropped after
+        # this long instead of holding up the runs, the store and the commands behind it.
+        connection.settimeout(SEND_TIMEOUT_SECONDS)
+        reader = connection.makefile("r", encoding="utf-8")
+        try:
+            request = json.loads(reader.readline())
+        except (OSError, ValueError):
+            return
+        if not isinstance(request, dict) or not hmac.compare_digest(
+            str(request.get("token")), self.token
+        ):
+            return
+        sink = _Sink(connection)
+        if request.get("request") == LET_GO:  # another process wants the local store
+            timeout = min(float(request.get("timeout", 5.0)), SEND_TIMEOUT_SECONDS)
+            closed = self.kept.let_go(timeout) if self.kept is not None else False
+            sink.send({"closed": closed})
+        elif request.get("request") == RUN:
+            self._run(request, sink, reader)
 
-    def _run(self, request: dict[str, Any], sink: _Sink) -> None:
+    def _run(self, request: dict[str, Any], sink: _Sink, reader: IO[str]) -> None:
         from llm_twin_features.cli.runs import Run
         from llm_twin_features.runtime.run_worker import edited_since
 
@@ -343,15 +392,25 @@ class RunServer:
         if Path(request["dagster_home"]) != self.home:
             sink.send({DECLINED: f"it records runs in {self.home}"})
             return
-        if self.run_lock.locked():  # the command waits without a time limit from now on
-            sink.send({QUEUED: True})
-        with self.run_lock:
+        if not self.run_lock.acquire(blocking=False):
+            sink.send({QUEUED: True})  # the command waits without a time limit from now on
+            self.run_lock.acquire()
+        try:
+            if self.stopping:
+                return  # the command runs them itself
             edited = edited_since(self.started_ns)
             if edited:
                 self.stopping = True
                 sink.send({DECLINED: f"{edited[0]} was edited since it started; it exits"})
                 return
             sink.send({ACCEPTED: True})
+            # The command may have given up waiting and run them itself: only a command that
+            # answers gets its runs run here.
+            try:
+                if reader.readline().strip() != GO:
+                    return
+            except OSError:
+                return
             runs = [Run(**run) for run in request["runs"]]
             with _output_to(sink):
                 try:
@@ -360,6 +419,8 @@ class RunServer:
                     print(f"run server: the runs failed: {error!r}", file=sys.stderr)
                     code = 1
             sink.send({EXIT: code})
+        finally:
+            self.run_lock.release()
 
 
 @contextlib.contextmanager

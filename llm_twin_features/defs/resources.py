@@ -80,7 +80,7 @@ class FeatureStoreResource(dg.ConfigurableResource):
         server's process keeps it open instead (`KeptLocalStore`), and lets go when asked."""
         kept = None if self.qdrant_url else kept_local_store(Path(self.data_dir))
         if kept is not None:
-            with kept.use(on_wait=log.info if log else None) as store:
+            with kept.use(self.lock_timeout_seconds, on_wait=log.info if log else None) as store:
                 yield store
             return
         store = open_feature_store(

@@ -31,7 +31,7 @@ PARENT_GRACE_SECONDS = 1.0
 PROC = Path("/proc")
 
 
-def _proc_stat(pid: int) -> tuple[str, str] | None:
+def process_state(pid: int) -> tuple[str, str] | None:
     """(state, start time) of process `pid` from /proc/<pid>/stat; None without /proc.
     Raises ProcessLookupError when there is no such process."""
     try:
@@ -51,7 +51,7 @@ def owner_tags(pid: int | None = None) -> dict[str, str]:
     pid = os.getpid() if pid is None else pid
     tags = {PID_TAG: str(pid), HOST_TAG: socket.gethostname()}
     try:
-        stat = _proc_stat(pid)
+        stat = process_state(pid)
     except ProcessLookupError:
         stat = None
     if stat is not None:
@@ -66,7 +66,7 @@ def process_gone(run: dg.DagsterRun) -> bool:
         return False  # not ours to judge: another machine's, or no owner recorded yet
     try:
         pid = int(run.tags[PID_TAG])
-        stat = _proc_stat(pid)
+        stat = process_state(pid)
     except ProcessLookupError:
         return True
     except ValueError:

@@ -14,6 +14,7 @@ and an opener that finds the folder held asks it to let go (`ask_holder_to_let_g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -348,8 +349,11 @@ def open_feature_store(
     data_dir: Path,
     lock_timeout: float = 600.0,
     on_wait: Callable[[str], Any] | None = None,
+    shared: bool = False,
 ) -> FeatureStore:
-    """A server client when `qdrant_url` is set, else local mode under `data_dir/qdrant`."""
+    """A server client when `qdrant_url` is set, else local mode under `data_dir/qdrant`;
+    `shared`: used by several threads in turn (SQLite refuses that by default where it is not
+    built thread-safe, as on macOS)."""
     if qdrant_url:
         client = QdrantClient(url=qdrant_url, api_key=api_key, timeout=30)
         try:
@@ -364,7 +368,8 @@ def open_feature_store(
     while True:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            return FeatureStore(QdrantClient(path=str(path)), local=True)
+            client = QdrantClient(path=str(path), force_disable_check_same_thread=shared)
+            return FeatureStore(client, local=True)
         except (sqlite3.Error, OSError) as error:
             raise FeatureStoreUnavailable(
                 f"the local feature store at {path} cannot be opened: {error}; free some disk "
@@ -401,36 +406,55 @@ class KeptLocalStore:
     """The local store of `data_dir`, kept open by one process between its steps and runs (the
     run server, `cli/run_server.py`): opening a Qdrant local folder loads every point of every
     collection, a cost that grows with the corpus. While it is kept, another process that wants
-    the folder asks this one to let go (`ask_holder_to_let_go`): the store closes as soon as no
-    step uses it, and opens again at this process's next use."""
+    the folder asks this one to let go (`ask_holder_to_let_go`): the store closes at once when
+    no step uses it, else when the step ends, and opens again at this process's next use.
+    Steps of different threads use it one at a time."""
 
-    def __init__(self, data_dir: Path, lock_timeout: float = 600.0) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.lock_timeout = lock_timeout
         self._store: FeatureStore | None = None
         self._lock = threading.Lock()
+        self._wanted = False  # another process asked for the folder during a step
 
     @contextmanager
-    def use(self, on_wait: Callable[[str], Any] | None = None) -> Iterator[FeatureStore]:
-        """The store, open, for one step; other processes' requests to let go wait for it."""
+    def use(
+        self, lock_timeout: float = 600.0, on_wait: Callable[[str], Any] | None = None
+    ) -> Iterator[FeatureStore]:
+        """The store, open, for one step."""
         with self._lock:
             if self._store is None:
                 self._store = open_feature_store(
-                    None, None, self.data_dir, self.lock_timeout, on_wait=on_wait
+                    None, None, self.data_dir, lock_timeout, on_wait=on_wait, shared=True
                 )
             try:
                 yield self._store
-            finally:
+            except BaseException:
+                with contextlib.suppress(Exception):  # the step's error is the one to report
+                    self._close()
+                raise
+            if self._wanted:
+                self._close()
+            else:  # the files as a closed store leaves them, for `state_token`
                 self._store.checkpoint()
 
-    def let_go(self) -> bool:
-        """Closes the store once no step uses it; whether it was open."""
-        with self._lock:
-            if self._store is None:
-                return False
-            self._store.close()
-            self._store = None
-            return True
+    def let_go(self, timeout: float) -> bool:
+        """Closes the store now, or when the step using it ends if that is within `timeout`
+        seconds; whether this closed it (False: it was closed already, or still in use)."""
+        self._wanted = True
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        try:
+            return self._close()
+        finally:
+            self._wanted = False
+            self._lock.release()
+
+    def _close(self) -> bool:
+        store, self._store = self._store, None
+        if store is None:
+            return False
+        store.close()
+        return True
 
 
 _kept: dict[Path, KeptLocalStore] = {}
@@ -438,8 +462,7 @@ _kept: dict[Path, KeptLocalStore] = {}
 
 def keep_local_store(data_dir: Path) -> KeptLocalStore:
     """From now on, this process's steps share one open local store of `data_dir`."""
-    key = data_dir.resolve()
-    return _kept.setdefault(key, KeptLocalStore(data_dir))
+    return _kept.setdefault(data_dir.resolve(), KeptLocalStore(data_dir))
 
 
 def kept_local_store(data_dir: Path) -> KeptLocalStore | None:
@@ -457,7 +480,8 @@ def ask_holder_to_let_go(data_dir: Path, timeout: float = 5.0) -> bool:
         if holder["pid"] == os.getpid():
             return False
         with socket.create_connection(("127.0.0.1", int(holder["port"])), timeout=timeout) as s:
-            s.sendall(json.dumps({"token": holder["token"], "request": LET_GO}).encode() + b"\n")
+            request = {"token": holder["token"], "request": LET_GO, "timeout": timeout}
+            s.sendall(json.dumps(request).encode() + b"\n")
             reply = s.makefile("r").readline()
         return bool(json.loads(reply).get("closed"))
     except (OSError, ValueError, KeyError, TypeError):

@@ -71,7 +71,7 @@ def _file_token(file: Path) -> str:
     except FileNotFoundError:
         stat = None
     if stat is None or stat.st_size == 0:  # an emptied write-ahead log is as good as none
-        return f"{file.parent.name}/{file.name}:empty"
+        return f"{file.parent.name}/{file.name}:absent"
     return f"{file.parent.name}/{file.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
