@@ -21,8 +21,10 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dagster as dg
+if TYPE_CHECKING:  # the run server's commands read process_state without importing Dagster
+    import dagster as dg
 
 PID_TAG = "llm_twin/pid"
 HOST_TAG = "llm_twin/host"

@@ -145,8 +145,12 @@ def test_a_backfill_leaves_a_run_server_that_takes_the_next_commands_runs(cli):
 
     # An edit: the run executes in the server, recorded in the command's Dagster instance.
     (article,) = edit_articles(cli.settings, 1, "Kettles of sparrows index the warehouse.")
-    output = cli("backfill", "--type", "articles", "--ids", article)
+    output = cli("backfill", "--type", "articles", "--ids", article, PYTHONPROFILEIMPORTTIME="1")
     assert THROUGH_SERVER in output and re.search(r"\b1 embedded", output)
+    # The command itself imports none of what the server has ready.
+    imported = re.findall(r"^import time:.*\|\s+(\S+)$", output, re.MULTILINE)
+    assert "llm_twin_features.cli.run_server" in imported
+    assert not {"dagster", "qdrant_client", "torch"} & set(imported)
     run = cli.runs()[0]
     assert run.status == dg.DagsterRunStatus.SUCCESS and run.tags[PID_TAG] == str(pid)
     with dg.DagsterInstance.from_config(str(cli.home)) as instance:
