@@ -30,7 +30,8 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 run: install $(DAGSTER_HOME)/dagster.yaml
 	$(CLI) ingest --no-publish llm_twin_features/sample_data/corpus.jsonl
-	$(CLI) backfill
+	# No run server left behind (cli/run_server.py): `dev` below starts the stack.
+	RUN_SERVER_IDLE_SECONDS=0 $(CLI) backfill
 	$(CLI) status
 	$(CLI) search "how do I keep a vector database in sync with MongoDB?" --limit 3
 	$(CLI) dev --port 3000
