@@ -2,19 +2,19 @@
 
 A `backfill` that runs its pipeline runs in its own process first imports Dagster, its storage,
 qdrant-client and the definitions, and opens the Qdrant local folder, which loads every point:
-about 3 s before a one-document edit or delete does anything. So such a command, once done,
-starts this process in the background (unless `RUN_SERVER_IDLE_SECONDS=0`). It prepares all of
-that once, loads the embedding models, and takes the next commands' runs over a local socket
-(`run_through_server`): the runs execute here, exactly as in the command's own process
-(`InProcessRuns`, recorded in the same Dagster instance), and their output streams back to the
-command. It keeps the local feature store open between runs (`KeptLocalStore`) and closes it as
-soon as another process asks for the folder.
+3-4 s before a one-document edit or delete does anything. So such a command, once done, starts
+this process in the background (unless `RUN_SERVER_IDLE_SECONDS=0`). It prepares all of that
+once, loads the embedding models, and takes the next commands' runs over a local socket
+(`run_through_server`): the runs execute here as in the command's own process (`InProcessRuns`,
+recorded in the same Dagster instance), and their output streams back to the command. It keeps
+the local feature store open between runs (`KeptLocalStore`), and lets go of it between two
+steps when another process asks for the folder.
 
-It serves only commands with its own configuration (`Settings.fingerprint`) and code: a source
-file edited since it started, or a newer server published over the same data dir, makes it
-decline and exit. It exits after `RUN_SERVER_IDLE_SECONDS` without a command, or when its data
-dir is gone. If it dies during a run, the command runs the same runs itself (they are
-idempotent): nothing is lost. Its log is `run_server.log` in the data dir.
+It serves only commands with its own configuration (`Settings.fingerprint`) and code: after a
+source file was edited it declines and exits. It exits after `RUN_SERVER_IDLE_SECONDS` without
+a command, on SIGTERM (`stop_run_server`), when a newer server is published over the same data
+dir, or when its data dir is gone. If it dies during a run, the command runs the same runs
+itself (they are idempotent): nothing is lost. Its log is `run_server.log` in the data dir.
 
 Usage: python -m llm_twin_features.cli.run_server  (the environment is the command's)
 """
