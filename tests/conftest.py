@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,28 @@ SAMPLE_CORPUS = Path(llm_twin_features.sample_data.__file__).parent / "corpus.js
 STORE_VARIABLES = ("MONGO_URI", "QDRANT_URL", "QDRANT_API_KEY", "DAGSTER_HOME")
 
 
-@pytest.fixture(autouse=True)
-def no_run_server(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def no_run_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A backfill leaves no run server behind (cli/run_server.py): tests' commands run their
-    runs themselves unless a test turns it on, and no process outlives its test."""
-    monkeypatch.setenv("RUN_SERVER_IDLE_SECONDS", "0")
+    runs themselves unless a test turns it on. Session-wide, so that module fixtures' commands
+    see it too; a run server of this session still running at its end is an error."""
+    import psutil
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RUN_SERVER_IDLE_SECONDS", "0")
+        yield
+    base = str(tmp_path_factory.getbasetemp())
+    left = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "llm_twin_features.cli.run_server" in (
+                process.info["cmdline"] or []
+            ) and process.environ().get("LLM_TWIN_DATA_DIR", "").startswith(base):
+                left.append(process)
+                process.kill()
+        except psutil.Error:
+            continue
+    assert not left, f"run servers outlived their tests: {[p.pid for p in left]}"
 
 
 @pytest.fixture
