@@ -432,7 +432,8 @@ class KeptLocalStore:
                 with contextlib.suppress(Exception):  # the step's error is the one to report
                     self._close()
                 raise
-            if self._wanted:
+            if self._wanted:  # asked during the step: the asker retries meanwhile
+                self._wanted = False
                 self._close()
             else:  # the files as a closed store leaves them, for `state_token`
                 self._store.checkpoint()
