@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 
 from llm_twin_features.cli.common import (
     audits,
@@ -115,13 +116,14 @@ def run_pipeline(
     if settings.run_server_idle_seconds > 0:
         code = run_through_server(settings, home, runs, trigger, force)
     if code is None:
-        code = _run_here(settings, runs, trigger, force, scopes)
+        code = _run_here(settings, home, runs, trigger, force, scopes)
         start_run_server(settings, home)  # for the next command
     return code
 
 
 def _run_here(
     settings: Settings,
+    home: Path,
     runs: list[Run],
     trigger: str,
     force: bool,
@@ -138,16 +140,16 @@ def _run_here(
     if settings.embedding_service_url:
         print(f"{trigger}: embedding through {settings.embedding_service_url}", flush=True)
         with model_server_in_environment(settings.embedding_service_url):
-            return run_pipeline_here(settings, runs, trigger, force)
+            return run_pipeline_here(home, runs, trigger, force)
     if not _needs_model(settings, scopes):
         print(f"{trigger}: nothing to chunk or embed; no model needed", flush=True)
-        return run_pipeline_here(settings, runs, trigger, force)
+        return run_pipeline_here(home, runs, trigger, force)
     with helper_model_server(settings) as model_server:
         if model_server:
             print(
                 f"{trigger}: loading the embedding model meanwhile, in {model_server}", flush=True
             )
-        return run_pipeline_here(settings, runs, trigger, force)
+        return run_pipeline_here(home, runs, trigger, force)
 
 
 def _needs_model(settings: Settings, scopes: Mapping[str, list[str] | None]) -> bool:

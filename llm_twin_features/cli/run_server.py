@@ -70,27 +70,13 @@ def log_file(settings: Settings) -> Path:
 def _published(settings: Settings) -> dict[str, Any] | None:
     """The run server published for the data dir, if its process still runs (the same
     process: a pid reused after a crash has another start time)."""
+    from llm_twin_features.runtime.dead_runs import owner_gone
+
     try:
         published = json.loads(server_file(settings).read_text())
-        if _start_time(int(published["pid"])) != published["started"]:
-            return None
-        return published
+        return None if owner_gone(published["owner"]) else published
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _start_time(pid: int) -> str | None:
-    """The start time of process `pid`; ProcessLookupError when there is none, or it is a
-    zombie (None where /proc does not tell: then any live process of that pid counts)."""
-    from llm_twin_features.runtime.dead_runs import process_state
-
-    state = process_state(pid)
-    if state is None:
-        os.kill(pid, 0)
-        return None
-    if state[0] == "Z":
-        raise ProcessLookupError(pid)
-    return state[1]
 
 
 def _write_atomically(path: Path, payload: dict[str, Any]) -> None:
@@ -207,17 +193,21 @@ def stop_run_server(settings: Settings, timeout: float = 30.0) -> bool:
     published = _published(settings)
     if published is None:
         return False
+    from llm_twin_features.runtime.dead_runs import owner_gone
+
     pid = int(published["pid"])
     try:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             with contextlib.suppress(ChildProcessError):  # this process's child: reap it
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return True
-            _start_time(pid)
+                os.waitpid(pid, os.WNOHANG)
+            if owner_gone(published["owner"]):
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                break
             time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     return True
@@ -277,12 +267,9 @@ class RunServer:
     def publish(self) -> None:
         """Published before anything is imported: a command that comes meanwhile queues on the
         socket instead of starting a second import of everything beside this one."""
-        record = {
-            "pid": os.getpid(),
-            "started": _start_time(os.getpid()),
-            "port": self.port,
-            "token": self.token,
-        }
+        from llm_twin_features.runtime.dead_runs import owner_tags
+
+        record = {"pid": os.getpid(), "owner": owner_tags(), "port": self.port, "token": self.token}
         _write_atomically(server_file(self.settings), {**record, "fingerprint": self.fingerprint})
         if not self.settings.qdrant_url:
             from llm_twin_features.stores.feature_store import holder_file, keep_local_store

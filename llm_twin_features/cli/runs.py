@@ -10,8 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_twin_features.cli.common import err, prepare_dagster_home
-from llm_twin_features.settings import Settings
+from llm_twin_features.cli.common import err
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,9 @@ def run_each(runs: list[Run], execute: Callable[[Run, str], Outcome]) -> list[st
     return failed
 
 
-def run_pipeline_here(settings: Settings, runs: list[Run], trigger: str, force: bool) -> int:
-    runner = InProcessRuns(prepare_dagster_home(settings))
+def run_pipeline_here(home: Path, runs: list[Run], trigger: str, force: bool) -> int:
+    """The runs in this process, recorded in the Dagster instance at `home`."""
+    runner = InProcessRuns(home)
     try:
         return runner.run(runs, trigger, force)
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,10 +65,17 @@ def owner_tags(pid: int | None = None) -> dict[str, str]:
 def process_gone(run: dg.DagsterRun) -> bool:
     """Whether the process recorded as running `run` (owner_tags) is dead: no such process,
     a zombie, or its pid now another process's. False when it cannot tell."""
-    if run.tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in run.tags:
+    return owner_gone(run.tags)
+
+
+def owner_gone(tags: Mapping[str, str]) -> bool:
+    """Whether the process that `tags` (`owner_tags`, a run's or the run server's) name is
+    dead: no such process, a zombie, or its pid now another process's. False when it cannot
+    tell."""
+    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags:
         return False  # not ours to judge: another machine's, or no owner recorded yet
     try:
-        pid = int(run.tags[PID_TAG])
+        pid = int(tags[PID_TAG])
         stat = process_state(pid)
     except ProcessLookupError:
         return True
@@ -75,7 +83,7 @@ def process_gone(run: dg.DagsterRun) -> bool:
         return False
     if stat is not None:
         state, started = stat
-        recorded = run.tags.get(START_TAG)
+        recorded = tags.get(START_TAG)
         return state in ("Z", "X", "x") or (recorded is not None and recorded != started)
     try:  # no /proc
         import psutil  # a development dependency, not always installed
