@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import pytest
 
 from llm_twin_features.cli.common import feature_store_of, warehouse_of
 from llm_twin_features.cli.run_server import server_file, stop_run_server
-from llm_twin_features.runtime.dead_runs import PID_TAG
+from llm_twin_features.runtime.dead_runs import PID_TAG, START_TAG, owner_tags
 from llm_twin_features.settings import Settings
 from llm_twin_features.stores.feature_store import holder_file, vector_collection
 
@@ -281,3 +282,46 @@ def test_an_idle_run_server_exits_and_unpublishes_itself(data_dir, tmp_path):
     assert not server_file(cli.settings).exists()
     assert not holder_file(cli.settings.resolved_data_dir).exists()
     assert not stop_run_server(cli.settings)
+
+
+def test_a_dead_servers_pid_taken_by_another_process_is_left_alone(data_dir):
+    """A run server killed outright leaves its file behind; if its pid now belongs to another
+    process, no command takes that process for the server, and `dev` does not stop it."""
+    settings = Settings(data_dir=data_dir)
+    data_dir.mkdir(parents=True)
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        owner = owner_tags(stranger.pid)
+        owner[START_TAG] = str(int(owner[START_TAG]) - 1)  # the dead server's start time
+        published = {"pid": stranger.pid, "owner": owner, "port": 1, "token": "t"}
+        server_file(settings).write_text(json.dumps(published))
+        assert not stop_run_server(settings)
+        assert stranger.poll() is None  # not signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_command_gone_before_its_runs_start_never_has_them_run(cli):
+    """A command that gave up waiting (it then runs its runs itself) has them not run by the
+    server as well: the server runs a request only once its command answers `go`."""
+    cli("ingest", "--no-publish", str(SAMPLE_CORPUS))
+    cli("backfill", "--type", "posts")
+    cli.server_pid()
+    published = json.loads(server_file(cli.settings).read_text())
+    settings = Settings(data_dir=cli.settings.data_dir, run_server_idle_seconds=120)
+    request = {
+        "token": published["token"],
+        "request": "run",
+        "fingerprint": settings.fingerprint(),
+        "dagster_home": str(cli.home.resolve()),
+        "runs": [{"data_type": "posts", "document_ids": None, "shard": None}],
+        "trigger": "gone",
+        "force": True,
+    }
+    with socket.create_connection(("127.0.0.1", int(published["port"]))) as gone:
+        gone.sendall(json.dumps(request).encode() + b"\n")  # and leaves without an answer
+    # A command after it: the server takes requests one at a time, so the one that left was
+    # decided before this one runs.
+    assert THROUGH_SERVER in cli("backfill", "--type", "posts", "--force")
+    assert [run.tags["llm_twin/trigger"] for run in cli.runs()].count("gone") == 0
